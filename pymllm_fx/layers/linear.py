@@ -1,0 +1,320 @@
+"""Linear layers that hold a ``quant_method``: the seed's layer side of the plugin contract.
+
+Each layer asks its method to ``create_weights`` in ``__init__`` and calls ``apply`` in
+``forward``; it owns the weight loaders, which place a checkpoint tensor (or one logical shard of
+it, for merged layers) into this tensor-parallel rank's slice of a parameter. The arithmetic is
+written for any ``tp_size``; with ``tp_size > 1`` a RowParallelLinear returns this rank's partial
+sum (the all-reduce is the caller's until process groups are wired in).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import Parameter
+
+from pymllm_fx.layers.parameter import copy_into, narrow_for_rank, set_weight_attrs, stored_size
+from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
+
+
+def _divide(numerator: int, denominator: int, what: str, prefix: str) -> int:
+    if numerator % denominator:
+        raise ValueError(
+            f"{prefix or 'linear layer'}: {what} {numerator} is not divisible by the "
+            f"tensor-parallel size {denominator}"
+        )
+    return numerator // denominator
+
+
+class LinearBase(nn.Module):
+    """Shared constructor: sizes, tensor-parallel position, and the quant method's weights."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        bias: bool = True,
+        params_dtype: Optional[torch.dtype] = None,
+        quant_method: Optional[LinearMethodBase] = None,
+        prefix: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if quant_method is None:
+            quant_method = UnquantizedLinearMethod()
+        if not isinstance(quant_method, LinearMethodBase):
+            raise TypeError(
+                f"{prefix or 'linear layer'}: quant_method must be a LinearMethodBase, "
+                f"got {type(quant_method).__name__}"
+            )
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"{prefix or 'linear layer'}: tp_rank {tp_rank} not in [0, {tp_size})")
+        self.input_size = input_size
+        self.output_size = output_size
+        self.input_size_per_partition = input_size_per_partition
+        self.output_partition_sizes = list(output_partition_sizes)
+        self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.quant_method = quant_method
+        self.prefix = prefix
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        quant_method.create_weights(
+            self,
+            input_size_per_partition,
+            self.output_partition_sizes,
+            input_size,
+            output_size,
+            self.params_dtype,
+            weight_loader=self.weight_loader,
+        )
+        self.bias: Optional[Parameter]
+        if bias:
+            self.bias = Parameter(torch.empty(self._bias_size(), dtype=self.params_dtype), requires_grad=False)
+            set_weight_attrs(self.bias, {"weight_loader": self.weight_loader, **self._bias_attrs()})
+        else:
+            self.register_parameter("bias", None)
+
+    # nn.Linear-compatible names, so user code that reads them keeps working.
+    @property
+    def in_features(self) -> int:
+        return self.input_size_per_partition
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.output_partition_sizes)
+
+    def _bias_size(self) -> int:
+        return sum(self.output_partition_sizes)
+
+    def _bias_attrs(self) -> dict:
+        return {"output_dim": 0}
+
+    def weight_loader(self, param: Parameter, loaded_weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, quant_method={type(self.quant_method).__name__}"
+            + (f", tp={self.tp_rank}/{self.tp_size}" if self.tp_size > 1 else "")
+        )
+
+
+class ReplicatedLinear(LinearBase):
+    """A linear layer every rank holds whole."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        params_dtype: Optional[torch.dtype] = None,
+        quant_method: Optional[LinearMethodBase] = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__(
+            input_size, output_size, input_size, [output_size], bias, params_dtype, quant_method, prefix
+        )
+
+    def weight_loader(self, param: Parameter, loaded_weight: torch.Tensor) -> None:
+        copy_into(param.data, loaded_weight)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks: rank r holds rows ``[r*n/tp, (r+1)*n/tp)``."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        params_dtype: Optional[torch.dtype] = None,
+        quant_method: Optional[LinearMethodBase] = None,
+        prefix: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        output_sizes: Optional[List[int]] = None,
+    ) -> None:
+        self.output_sizes = list(output_sizes) if output_sizes is not None else [output_size]
+        partition_sizes = [_divide(s, tp_size, "output size", prefix) for s in self.output_sizes]
+        super().__init__(
+            input_size, output_size, input_size, partition_sizes, bias, params_dtype, quant_method,
+            prefix, tp_rank, tp_size,
+        )
+
+    def weight_loader(self, param: Parameter, loaded_weight: torch.Tensor) -> None:
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is not None:
+            shard = param.shape[output_dim]
+            loaded_weight = narrow_for_rank(loaded_weight, output_dim, shard, self.tp_rank, shard * self.tp_size)
+        copy_into(param.data, loaded_weight)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel weights sharing one input, stored side by side (gate_up_proj).
+
+    Its loader takes ``loaded_shard_id`` = the index of the logical weight in ``output_sizes``;
+    with no shard id the tensor is the fused weight and is split into its logical shards.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: List[int],
+        bias: bool = True,
+        params_dtype: Optional[torch.dtype] = None,
+        quant_method: Optional[LinearMethodBase] = None,
+        prefix: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__(
+            input_size, sum(output_sizes), bias, params_dtype, quant_method, prefix, tp_rank, tp_size,
+            output_sizes=output_sizes,
+        )
+
+    def _shard_layout(self, shard_id: Union[int, str]):
+        """(offset in this rank's param, size on this rank, block index and full size in the checkpoint)."""
+        index = int(shard_id)
+        if not 0 <= index < len(self.output_sizes):
+            raise ValueError(f"{self.prefix}: shard id {shard_id!r} not in 0..{len(self.output_sizes) - 1}")
+        offset = sum(self.output_partition_sizes[:index])
+        size = self.output_partition_sizes[index]
+        return offset, size, self.tp_rank, self.output_sizes[index]
+
+    def _shard_ids(self) -> list:
+        return list(range(len(self.output_sizes)))
+
+    def _full_shard_sizes(self) -> List[int]:
+        return list(self.output_sizes)
+
+    def weight_loader(
+        self, param: Parameter, loaded_weight: torch.Tensor, loaded_shard_id: Optional[Union[int, str]] = None
+    ) -> None:
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is None:
+            if loaded_shard_id is not None:
+                raise ValueError(
+                    f"{self.prefix}: this parameter has no output_dim, so it cannot take shard "
+                    f"{loaded_shard_id!r}; load it whole"
+                )
+            copy_into(param.data, loaded_weight)
+            return
+        if loaded_shard_id is None:
+            # A fused checkpoint tensor: split it along the output dim into its logical weights.
+            sizes = [stored_size(param, output_dim, s) for s in self._full_shard_sizes()]
+            if loaded_weight.dim() <= output_dim or loaded_weight.shape[output_dim] != sum(sizes):
+                raise ValueError(
+                    f"expected {sum(sizes)} along dim {output_dim} of the fused tensor, found shape "
+                    f"{tuple(loaded_weight.shape)}"
+                )
+            for shard_id, piece in zip(self._shard_ids(), loaded_weight.split(sizes, dim=output_dim)):
+                self.weight_loader(param, piece, shard_id)
+            return
+        offset, size, block, full = self._shard_layout(loaded_shard_id)
+        offset = stored_size(param, output_dim, offset)
+        size = stored_size(param, output_dim, size)
+        full = stored_size(param, output_dim, full)
+        loaded_weight = narrow_for_rank(loaded_weight, output_dim, size, block, full)
+        copy_into(param.data.narrow(output_dim, offset, size), loaded_weight)
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """Query, key and value projections fused into one layer, split by heads across ranks.
+
+    Shard ids are ``"q"``, ``"k"``, ``"v"``. When there are fewer key/value heads than ranks,
+    each key/value head is replicated on ``tp_size / total_num_kv_heads`` ranks.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_size: int,
+        total_num_heads: int,
+        total_num_kv_heads: Optional[int] = None,
+        bias: bool = True,
+        params_dtype: Optional[torch.dtype] = None,
+        quant_method: Optional[LinearMethodBase] = None,
+        prefix: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        total_num_kv_heads = total_num_kv_heads or total_num_heads
+        self.head_size = head_size
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads
+        self.num_heads = _divide(total_num_heads, tp_size, "number of attention heads", prefix)
+        if tp_size >= total_num_kv_heads:
+            self.num_kv_heads = 1
+            self.num_kv_head_replicas = _divide(tp_size, total_num_kv_heads, "(replicas of kv heads)", prefix)
+        else:
+            self.num_kv_heads = _divide(total_num_kv_heads, tp_size, "number of key/value heads", prefix)
+            self.num_kv_head_replicas = 1
+        q_size = self.num_heads * head_size * tp_size
+        kv_size = self.num_kv_heads * head_size * tp_size
+        super().__init__(
+            hidden_size, [q_size, kv_size, kv_size], bias, params_dtype, quant_method, prefix, tp_rank, tp_size
+        )
+
+    def _shard_ids(self) -> list:
+        return ["q", "k", "v"]
+
+    def _full_shard_sizes(self) -> List[int]:
+        kv = self.total_num_kv_heads * self.head_size
+        return [self.total_num_heads * self.head_size, kv, kv]
+
+    def _shard_layout(self, shard_id: Union[int, str]):
+        q = self.num_heads * self.head_size
+        kv = self.num_kv_heads * self.head_size
+        if shard_id == "q":
+            return 0, q, self.tp_rank, self.total_num_heads * self.head_size
+        if shard_id in ("k", "v"):
+            offset = q if shard_id == "k" else q + kv
+            return offset, kv, self.tp_rank // self.num_kv_head_replicas, self.total_num_kv_heads * self.head_size
+        raise ValueError(f"{self.prefix}: shard id {shard_id!r} is not one of 'q', 'k', 'v'")
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; the bias is added once, on rank 0."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        params_dtype: Optional[torch.dtype] = None,
+        quant_method: Optional[LinearMethodBase] = None,
+        prefix: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        per_partition = _divide(input_size, tp_size, "input size", prefix)
+        super().__init__(
+            input_size, output_size, per_partition, [output_size], bias, params_dtype, quant_method,
+            prefix, tp_rank, tp_size,
+        )
+
+    def _bias_size(self) -> int:
+        return self.output_size
+
+    def _bias_attrs(self) -> dict:
+        return {}
+
+    def weight_loader(self, param: Parameter, loaded_weight: torch.Tensor) -> None:
+        input_dim = getattr(param, "input_dim", None)
+        if input_dim is not None:
+            shard = param.shape[input_dim]
+            loaded_weight = narrow_for_rank(loaded_weight, input_dim, shard, self.tp_rank, shard * self.tp_size)
+        copy_into(param.data, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp_rank == 0 else None
+        return self.quant_method.apply(self, x, bias)

@@ -1,0 +1,93 @@
+"""Feeding tensors to parameters through their ``weight_loader``, with strict accounting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from pymllm_fx.layers.parameter import default_weight_loader
+from pymllm_fx.layers.quantize_base import QuantizeMethodBase
+from pymllm_fx.loading.safetensors_io import CheckpointError
+
+_MAX_LISTED = 20
+
+
+@dataclass
+class LoadTarget:
+    """Where one named tensor goes: a parameter, the shard of it, and a layout change on the way.
+
+    ``transform`` adapts the tensor first, e.g. the transpose of a GPT-2 ``Conv1D`` weight.
+    ``required=False`` marks targets (persistent buffers) a checkpoint may leave out.
+    """
+
+    param: torch.Tensor
+    shard_id: Any = None
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    required: bool = True
+    owner: str = ""
+
+
+def load_weights(targets: Dict[str, LoadTarget], weights: Iterable[Tuple[str, torch.Tensor]]) -> int:
+    """Load every tensor of ``weights`` into its target; returns the count loaded.
+
+    Strict: a tensor with no target, a target no tensor filled, a tensor loaded twice, or one the
+    loader refuses (shape, dtype) is collected, and one ``CheckpointError`` lists them all.
+    """
+    problems: List[str] = []
+    unexpected: List[str] = []
+    seen: Dict[str, int] = {}
+    for name, tensor in weights:
+        target = targets.get(name)
+        if target is None:
+            unexpected.append(name)
+            continue
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] == 2:
+            problems.append(f"{name}: appears more than once in the checkpoint")
+            continue
+        where = f"{target.owner}: " if target.owner else ""
+        try:
+            if target.transform is not None:
+                tensor = target.transform(tensor)
+            loader = getattr(target.param, "weight_loader", default_weight_loader)
+            if target.shard_id is None:
+                loader(target.param, tensor)
+            else:
+                loader(target.param, tensor, target.shard_id)
+        except (ValueError, TypeError, RuntimeError) as err:
+            problems.append(f"{where}tensor {name!r}: {err}")
+    missing = [n for n, t in targets.items() if t.required and n not in seen and not _alias_loaded(n, t, targets, seen)]
+    if problems or unexpected or missing:
+        raise CheckpointError(_report(problems, unexpected, missing))
+    return len(seen)
+
+
+def _alias_loaded(name: str, target: LoadTarget, targets: Dict[str, LoadTarget], seen: Dict[str, int]) -> bool:
+    """A tied parameter counts as loaded when any of its names was."""
+    return any(other in seen for other, t in targets.items() if t.param is target.param and t.shard_id == target.shard_id)
+
+
+def _report(problems: List[str], unexpected: List[str], missing: List[str]) -> str:
+    def listing(title: str, items: List[str], fix: str) -> str:
+        shown = "\n".join(f"  - {item}" for item in items[:_MAX_LISTED])
+        more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+        return f"{title} ({len(items)}); {fix}:\n{shown}{more}"
+
+    parts = []
+    if problems:
+        parts.append(listing("tensors that do not fit their parameter", problems, "check the checkpoint matches this model and method"))
+    if missing:
+        parts.append(listing("parameters no checkpoint tensor filled", missing, "the checkpoint is incomplete or for another model"))
+    if unexpected:
+        parts.append(listing("checkpoint tensors no parameter takes", unexpected, "the checkpoint is for another model or method"))
+    return "weight loading failed.\n" + "\n".join(parts)
+
+
+def process_weights_after_loading(model: torch.nn.Module) -> None:
+    """The ModelRunner loop: let every module's quant method repack or calibrate its weights."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, QuantizeMethodBase):
+            method.process_weights_after_loading(module)

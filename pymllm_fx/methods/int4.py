@@ -1,0 +1,105 @@
+"""``"int4"``: W4A16 round-to-nearest, per-group scales, asymmetric (zero points) or symmetric.
+
+Calibrates from the float weight in ``process_weights_after_loading`` into the W4A16 runtime
+layout (see ``kernels/w4a16.py``); runs ``torch.ops.pymllm_fx.w4a16_linear``. When the input
+size is not a multiple of the group size, the last group is shorter (a tail group) rather than
+the layer falling back to another group size; ``explain()`` shows the tail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4
+from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
+from pymllm_fx.layers.quantize_base import LinearMethodBase
+from pymllm_fx.methods.common import check_config_keys
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, sym: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(N, K)`` float -> (codes 0..15 ``(N, K)`` uint8, scales ``(N, G)``, zeros ``(N, G)`` or None).
+
+    Each group's range includes zero (as GPTQ and AWQ do), so zero-padding the tail group to a full
+    group leaves its statistics unchanged. Scales and zeros come back in the weight's dtype.
+    """
+    n, k = weight.shape
+    groups = num_groups(k, group_size)
+    w = F.pad(weight.float(), (0, groups * group_size - k)).view(n, groups, group_size)
+    tiny = torch.finfo(torch.float32).tiny
+    if sym:
+        scales = (w.abs().amax(dim=-1) / 7).clamp(min=tiny)
+        q = torch.round(w / scales[..., None]).clamp(-8, 7) + SYMMETRIC_ZERO
+        zeros = None
+    else:
+        w_min = w.amin(dim=-1).clamp(max=0)
+        w_max = w.amax(dim=-1).clamp(min=0)
+        scales = ((w_max - w_min) / 15).clamp(min=tiny)
+        zero_points = torch.round(-w_min / scales).clamp(0, 15)
+        q = (torch.round(w / scales[..., None]) + zero_points[..., None]).clamp(0, 15)
+        zeros = zero_points.to(weight.dtype)
+    codes = q.view(n, groups * group_size)[:, :k].to(torch.uint8)
+    return codes, scales.to(weight.dtype), zeros
+
+
+@dataclass
+class Int4LinearMethod(LinearMethodBase):
+    """4-bit weights in groups of ``group_size`` input features; activations stay float."""
+
+    group_size: int = 128
+    sym: bool = False
+
+    name = "int4"
+
+    def __post_init__(self) -> None:
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"int4: group_size {self.group_size} is not supported; use one of {GROUP_SIZES}")
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        if input_size_per_partition % PACK_FACTOR:
+            raise ValueError(
+                f"{getattr(layer, 'prefix', '') or 'layer'}: int4 packs {PACK_FACTOR} input features per "
+                f"int32, but in_features={input_size_per_partition} is not a multiple of {PACK_FACTOR}; "
+                f"skip this layer or use int8"
+            )
+        create_float_weight(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        codes, scales, zeros = quantize_int4(layer.weight.data, self.group_size, self.sym)
+        replace_parameters(
+            layer, ("weight",), {"qweight": pack_int4(codes), "scales": scales, "zeros": zeros}
+        )
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return torch.ops.pymllm_fx.w4a16_linear(x, layer.qweight, layer.scales, layer.zeros, self.group_size, bias)
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        k = layer.input_size_per_partition
+        tail = k % self.group_size
+        text = f"W4A16 g{self.group_size} {'sym' if self.sym else 'asym'}"
+        return text + (f" (tail group {tail})" if tail else "")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Int4LinearMethod":
+        check_config_keys(cls.name, config, ("group_size", "sym", "bits"))
+        if config.get("bits", 4) != 4:
+            raise ValueError(f"int4: bits must be 4, got {config['bits']}")
+        return cls(group_size=int(config.get("group_size", 128)), sym=bool(config.get("sym", False)))

@@ -1,0 +1,63 @@
+"""Quantization methods by name, and from an HF ``quantization_config`` dict."""
+
+from __future__ import annotations
+
+from typing import Dict, Type, Union
+
+from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
+from pymllm_fx.methods.common import check_config_keys
+from pymllm_fx.methods.fp8 import Fp8LinearMethod
+from pymllm_fx.methods.int4 import Int4LinearMethod
+from pymllm_fx.methods.int8 import Int8LinearMethod
+
+
+class _NoneMethod(UnquantizedLinearMethod):
+    name = "none"
+
+    def describe(self, layer) -> str:
+        return "unquantized"
+
+    @classmethod
+    def from_config(cls, config: dict) -> "_NoneMethod":
+        check_config_keys(cls.name, config, ())
+        return cls()
+
+
+METHODS: Dict[str, Type[LinearMethodBase]] = {
+    "none": _NoneMethod,
+    "int8": Int8LinearMethod,
+    "int4": Int4LinearMethod,
+    "fp8": Fp8LinearMethod,
+}
+
+MethodSpec = Union[str, dict, LinearMethodBase]
+
+
+def method_names() -> list:
+    return sorted(METHODS)
+
+
+def resolve(method: MethodSpec) -> LinearMethodBase:
+    """A method instance from a registry name, an HF ``quantization_config`` dict, or an instance."""
+    if isinstance(method, LinearMethodBase):
+        return method
+    if isinstance(method, str):
+        return _lookup(method).from_config({})
+    if isinstance(method, dict):
+        if "quant_method" not in method:
+            raise ValueError(
+                f"quantization_config has no 'quant_method' key (got keys {sorted(method)}); "
+                f"expected one of {method_names()}"
+            )
+        return _lookup(method["quant_method"]).from_config(dict(method))
+    raise TypeError(
+        f"method must be a name ({', '.join(method_names())}), a quantization_config dict or a "
+        f"LinearMethodBase instance, got {type(method).__name__}"
+    )
+
+
+def _lookup(name: str) -> Type[LinearMethodBase]:
+    key = str(name).lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; valid names: {', '.join(method_names())}")
+    return METHODS[key]
