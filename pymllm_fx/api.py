@@ -44,6 +44,7 @@ def quantize(
     On any error the model is left exactly as it was.
     """
     _check_model(model)
+    skip = _normalize_skip(skip)
     quant_method = resolve(method)
     sites = find_linears(model, example_inputs)
     if not sites:
@@ -71,6 +72,26 @@ def quantize(
     return model
 
 
+def _normalize_skip(skip: Optional[SkipSpec]) -> Union[Tuple[str, ...], Callable[[LinearSite], bool]]:
+    """A tuple of patterns or a predicate; a lone string is one pattern, None skips nothing extra."""
+    if skip is None:
+        return ()
+    if callable(skip):
+        return skip
+    if isinstance(skip, str):
+        return (skip,)
+    try:
+        patterns = tuple(skip)
+    except TypeError:
+        patterns = None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"skip must be a module-path pattern, a list of patterns (e.g. ['lm_head', '*.mlp.*']) or a "
+            f"predicate taking a LinearSite, got {skip!r}"
+        )
+    return patterns
+
+
 def skip_reason(site: LinearSite, skip: SkipSpec) -> Optional[str]:
     """Why ``site`` is left unquantized, or None to quantize it."""
     if not site.swappable:
@@ -79,6 +100,7 @@ def skip_reason(site: LinearSite, skip: SkipSpec) -> Optional[str]:
         return f"weight tied to {', '.join(site.tied_to)}; quantizing it would untie them"
     if not site.dtype.is_floating_point:
         return f"weight dtype {site.dtype} is not floating point"
+    skip = _normalize_skip(skip)
     if callable(skip):
         return "skipped by the skip predicate" if skip(site) else None
     leaf = site.path.rpartition(".")[2]

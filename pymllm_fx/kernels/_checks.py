@@ -6,9 +6,11 @@ from typing import Optional
 
 import torch
 
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def check_activation(op: str, x: torch.Tensor, in_features: int) -> None:
-    if not x.dtype.is_floating_point or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if x.dtype not in FLOATS:
         raise TypeError(f"{op}: activations must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(
@@ -35,4 +37,3 @@ def check_bias(op: str, bias: Optional[torch.Tensor], out_features: int, device:
     check_tensor(op, "bias", bias, (out_features,), (bias.dtype,), device)
 
 
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)

@@ -27,9 +27,13 @@ def _check(x, qweight, scales, bias) -> None:
 def w8a16_reference(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Pure-torch reference: the per-channel scale is applied to the output, not the weight."""
-    out = F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)
-    return out if bias is None else out + bias.to(x.dtype)
+    """Pure-torch reference: dequantize, then ``F.linear``.
+
+    The scale goes on the weight, not the output: summing raw int8 codes in float16 overflows
+    once an activation channel is large.
+    """
+    weight = qweight.to(x.dtype) * scales.to(x.dtype)[:, None]
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 @torch.library.custom_op("pymllm_fx::w8a16_linear", mutates_args=())

@@ -183,9 +183,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def _shard_layout(self, shard_id: Union[int, str]):
         """(offset in this rank's param, size on this rank, block index and full size in the checkpoint)."""
-        index = int(shard_id)
-        if not 0 <= index < len(self.output_sizes):
-            raise ValueError(f"{self.prefix}: shard id {shard_id!r} not in 0..{len(self.output_sizes) - 1}")
+        if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(
+                f"{self.prefix or 'merged layer'}: shard id {shard_id!r} is not an integer in "
+                f"0..{len(self.output_sizes) - 1}"
+            )
+        index = shard_id
         offset = sum(self.output_partition_sizes[:index])
         size = self.output_partition_sizes[index]
         return offset, size, self.tp_rank, self.output_sizes[index]
@@ -254,7 +257,12 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         self.num_heads = _divide(total_num_heads, tp_size, "number of attention heads", prefix)
         if tp_size >= total_num_kv_heads:
             self.num_kv_heads = 1
-            self.num_kv_head_replicas = _divide(tp_size, total_num_kv_heads, "(replicas of kv heads)", prefix)
+            if tp_size % total_num_kv_heads:
+                raise ValueError(
+                    f"{prefix or 'qkv layer'}: cannot replicate {total_num_kv_heads} kv heads evenly: the "
+                    f"tensor-parallel size {tp_size} is not divisible by {total_num_kv_heads}"
+                )
+            self.num_kv_head_replicas = tp_size // total_num_kv_heads
         else:
             self.num_kv_heads = _divide(total_num_kv_heads, tp_size, "number of key/value heads", prefix)
             self.num_kv_head_replicas = 1
@@ -279,7 +287,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         if shard_id in ("k", "v"):
             offset = q if shard_id == "k" else q + kv
             return offset, kv, self.tp_rank // self.num_kv_head_replicas, self.total_num_kv_heads * self.head_size
-        raise ValueError(f"{self.prefix}: shard id {shard_id!r} is not one of 'q', 'k', 'v'")
+        raise ValueError(f"{self.prefix or 'qkv layer'}: shard id {shard_id!r} is not one of 'q', 'k', 'v'")
 
 
 class RowParallelLinear(LinearBase):

