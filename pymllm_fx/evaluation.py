@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,3 +31,52 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> 
         total_nll += F.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum").item()
         count += chunk.shape[1] - 1
     return math.exp(total_nll / count)
+
+
+class GreedyDecoder:
+    """Greedy decoding of a transformers causal LM over a static KV cache, eager or compiled.
+
+    The gpt-fast loop: one prefill, then one fixed-shape step per token, so a compiled step is
+    traced once (``fullgraph=True``: a graph break is an error) and reused for every token.
+    """
+
+    def __init__(self, model: nn.Module, max_cache_len: int = 256, compile: bool = False, mode: str | None = None):
+        from transformers import StaticCache  # transformers is the optional "hf" extra
+
+        self.model = model
+        self.max_cache_len = max_cache_len
+        self._cache_cls = StaticCache
+        # transformers 5 renamed past_key_values to cache; use whichever this version takes.
+        accepted = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in accepted else "past_key_values"
+        self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode) if compile else self._step
+
+    def _step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        return self.model(token, use_cache=True, **{self._cache_kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None):
+        """Returns (new token ids ``(1, n)``, seconds spent in decode steps, the prefill excluded)."""
+        if input_ids.shape[1] + max_new_tokens > self.max_cache_len:
+            raise ValueError(
+                f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new exceeds max_cache_len={self.max_cache_len}"
+            )
+        device = next(self.model.parameters()).device
+        cache = self._cache_cls(config=self.model.config, max_cache_len=self.max_cache_len)
+        logits = self.model(input_ids.to(device), use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            if eos_token_id is not None and int(token) == eos_token_id:
+                break
+            token = self.step(token, cache)
+            tokens.append(token)
+        _sync(device)
+        return torch.cat(tokens, dim=1), time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
