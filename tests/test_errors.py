@@ -14,12 +14,12 @@ from pymllm_fx.methods.int4 import Int4LinearMethod
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import build_model  # noqa: E402
+
 
 def tiny_llama() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=128)
-    return transformers.LlamaForCausalLM(config).eval()
+    return build_model("llama")
 
 
 class Snapshot:

@@ -8,13 +8,13 @@ from pymllm_fx.evaluation import GreedyDecoder, perplexity
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import build_model  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def int4_llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = build_model("llama")
     return pymllm_fx.quantize(model, {"quant_method": "int4", "group_size": 32}, progress=False)
 
 

@@ -18,9 +18,7 @@ from pymllm_fx.passes import find_linears, is_linear_module
 
 transformers = pytest.importorskip("transformers")
 
-ARCHS = ["llama", "qwen2", "mistral", "gpt2", "bert", "opt", "phi3", "gemma"]
-_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-               intermediate_size=128)
+from hf_models import ARCHS, build_model  # noqa: E402
 
 # hidden is 64, so int4 takes groups of 32 (two groups per row) instead of its default 128.
 METHODS = {"int8": "int8", "int4": {"quant_method": "int4", "group_size": 32}, "fp8": "fp8"}
@@ -28,35 +26,6 @@ METHOD_CLASS = {"int8": Int8LinearMethod, "int4": Int4LinearMethod, "fp8": Fp8Li
 # Relative error ||q - fp|| / ||fp|| of the model output. Measured worst case over the 8 archs
 # (seed 0): int8 0.008, fp8 0.048, int4 0.111; bounds leave about 2x margin.
 REL_ERR = {"int8": 0.02, "fp8": 0.1, "int4": 0.25}
-
-
-def build_model(arch: str, **overrides) -> nn.Module:
-    """A tiny randomly initialised model of ``arch`` (hidden 64, 2 layers, 4 heads, 2 kv heads), in eval mode."""
-    t = transformers
-    gqa = dict(_COMMON, num_key_value_heads=2)
-    if arch == "llama":
-        model = t.LlamaForCausalLM(t.LlamaConfig(**{**gqa, **overrides}))
-    elif arch == "qwen2":
-        model = t.Qwen2ForCausalLM(t.Qwen2Config(**{**gqa, **overrides}))
-    elif arch == "mistral":
-        model = t.MistralForCausalLM(t.MistralConfig(**{**gqa, **overrides}))
-    elif arch == "phi3":
-        model = t.Phi3ForCausalLM(t.Phi3Config(**{**gqa, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-                                                  **overrides}))
-    elif arch == "gemma":
-        model = t.GemmaForCausalLM(t.GemmaConfig(**{**gqa, "head_dim": 16, **overrides}))
-    elif arch == "gpt2":
-        model = t.GPT2LMHeadModel(t.GPT2Config(**{**dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_inner=128,
-                                                         n_positions=64, bos_token_id=1, eos_token_id=2), **overrides}))
-    elif arch == "bert":
-        model = t.BertModel(t.BertConfig(**{**_COMMON, "max_position_embeddings": 64, **overrides}))
-    elif arch == "opt":
-        model = t.OPTForCausalLM(t.OPTConfig(**{**dict(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                                       num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
-                                                       max_position_embeddings=64), **overrides}))
-    else:
-        raise ValueError(arch)
-    return model.eval()
 
 
 def token_ids(seed: int, batch: int = 2, seq: int = 16) -> torch.Tensor:
