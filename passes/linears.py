@@ -72,7 +72,7 @@ def _strip_views(node: Any) -> Any:
 
 
 def _linear_calls(program: torch.export.ExportedProgram):
-    """Yield (weight parameter name, transposed?, activation node) for each matmul with a parameter."""
+    """Yield (weight name, calling module path, activation node, weight stored (in, out)?) per matmul with a parameter."""
     to_param = program.graph_signature.inputs_to_parameters
 
     def param_of(node):
@@ -87,19 +87,19 @@ def _linear_calls(program: torch.export.ExportedProgram):
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target == aten.linear.default:
-            x, w = node.args[0], node.args[1]
-        elif node.target == aten.addmm.default:
-            x, w = node.args[1], node.args[2]
+        if node.target == aten.linear.default:  # x @ W.T, W (out, in)
+            x, w, in_out = node.args[0], node.args[1], False
+        elif node.target == aten.addmm.default:  # b + x @ W, W (in, out) unless transposed on the way
+            x, w, in_out = node.args[1], node.args[2], True
         elif node.target in (aten.mm.default, aten.matmul.default):
-            x, w = node.args[0], node.args[1]
+            x, w, in_out = node.args[0], node.args[1], True
         else:
             continue
         name, transposed = param_of(w)
         if name is not None:
             stack = node.meta.get("nn_module_stack") or {}
             caller = list(stack.values())[-1][0] if stack else ""
-            yield name, caller, _strip_views(x)
+            yield name, caller, _strip_views(x), in_out != transposed
 
 
 def _from_graph(model: nn.Module, program: torch.export.ExportedProgram) -> List[LinearSite]:
@@ -107,29 +107,30 @@ def _from_graph(model: nn.Module, program: torch.export.ExportedProgram) -> List
     params = dict(model.named_parameters(remove_duplicate=False))
     sites: Dict[str, LinearSite] = {}
     consumers: Dict[str, List[str]] = {}
-    for weight_name, caller, source in _linear_calls(program):
+    for weight_name, caller, source, in_out in _linear_calls(program):
         # A tied weight reaches the graph under one of its names: take the one the caller owns.
         names = aliases.get(id(params[weight_name]), [weight_name])
         owned = [n for n in names if n.rpartition(".")[0] == caller]
         weight_name = owned[0] if owned else weight_name
         path, _, leaf = weight_name.rpartition(".")
-        if path in sites:
-            sites[path].calls += 1
+        if weight_name in sites:
+            sites[weight_name].calls += 1
             continue
         module = model.get_submodule(path) if path else model
         if leaf == "weight" and is_linear_module(module):
             site = _site_for_module(path, module, aliases)
         else:
             w = params[weight_name]
-            site = LinearSite(path, int(w.shape[-1]), int(w.shape[0]), False, w.dtype, w.device, "linear",
+            in_f, out_f = (w.shape[0], w.shape[-1]) if in_out else (w.shape[-1], w.shape[0])
+            site = LinearSite(path, int(in_f), int(out_f), False, w.dtype, w.device, "linear",
                               swappable=False,
                               reason=f"{weight_name} is used in a matmul inside {type(module).__name__}, not an nn.Linear")
-        sites[path] = site
+        sites[weight_name] = site
         key = source.name if isinstance(source, torch.fx.Node) else str(source)
-        consumers.setdefault(key, []).append(path)
+        consumers.setdefault(key, []).append(weight_name)
     for group in consumers.values():
-        for path in group:
-            sites[path].siblings = tuple(p for p in group if p != path)
+        for name in group:
+            sites[name].siblings = tuple(sites[other].path for other in group if other != name)
     return list(sites.values())
 
 

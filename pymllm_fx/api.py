@@ -54,7 +54,9 @@ def quantize(
     plan = [site for site in sites if skip_reason(site, skip) is None]
     if not plan:
         reasons = "; ".join(f"{s.path}: {skip_reason(s, skip)}" for s in sites[:5])
-        raise ValueError(f"every linear layer of {type(model).__name__} is skipped ({reasons}); nothing to quantize")
+        done = sum(hasattr(m, "quant_method") for m in model.modules())
+        already = f"; {done} layers are already quantized by pymllm_fx (quantize the original model instead)" if done else ""
+        raise ValueError(f"every linear layer of {type(model).__name__} is skipped ({reasons}){already}; nothing to quantize")
 
     layers: Dict[str, nn.Module] = {}
     for site in plan:

@@ -291,3 +291,33 @@ def test_swap_linears_non_module_replacement_changes_nothing(bad):
     after = _snapshot(model)
     assert after.keys() == before.keys()
     assert all(after[n] is before[n] for n in before)
+
+
+class _RawMatmuls(nn.Module):
+    """Parameters used in matmuls outside any nn.Linear: one (in, out), one (out, in) transposed."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in_out = nn.Parameter(torch.randn(8, 24))
+        self.w_out_in = nn.Parameter(torch.randn(16, 24))
+
+    def forward(self, x):
+        return (x @ self.w_in_out) @ self.w_out_in.t()
+
+
+def test_raw_matmul_sites_are_reported_unswappable_with_their_orientation():
+    sites = find_linears(_RawMatmuls(), (torch.randn(2, 8),))
+    by_weight = {s.reason.split(" ")[0]: s for s in sites}
+    assert len(sites) == 2
+    first, second = by_weight["w_in_out"], by_weight["w_out_in"]
+    assert (first.in_features, first.out_features) == (8, 24)
+    assert (second.in_features, second.out_features) == (24, 16)
+    assert not first.swappable and "not an nn.Linear" in first.reason
+
+
+def test_quantizing_twice_says_the_model_is_already_quantized():
+    import pymllm_fx
+
+    model = pymllm_fx.quantize(build_model("llama"), "int8", progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        pymllm_fx.quantize(model, "int8", progress=False)
