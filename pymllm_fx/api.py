@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -58,20 +59,24 @@ def quantize(
         already = f"; {done} layers are already quantized by pymllm_fx (quantize the original model instead)" if done else ""
         raise ValueError(f"every linear layer of {type(model).__name__} is skipped ({reasons}){already}; nothing to quantize")
 
-    layers: Dict[str, nn.Module] = {}
-    for site in plan:
-        with torch.device(device if device is not None else site.device):
-            layers[site.path] = ReplicatedLinear(
-                site.in_features, site.out_features, bias=site.bias, params_dtype=site.dtype,
-                quant_method=quant_method, prefix=site.path,
-            )
-
+    for site in plan:  # a dry run on meta: create_weights errors surface before any real work
+        _build_layer(site, quant_method, "meta")
+    build = functools.partial(_build_layer, quant_method=quant_method, device=device)
     if weights is None:
-        _quantize_own_weights(model, plan, layers, progress)
+        layers = _quantize_own_weights(model, plan, build, progress)
     else:
+        layers = {site.path: build(site) for site in plan}
         _load_checkpoint(model, plan, layers, weights, progress)
     swap_linears(model, layers)
     return model
+
+
+def _build_layer(site: LinearSite, quant_method, device) -> nn.Module:
+    with torch.device(device if device is not None else site.device):
+        return ReplicatedLinear(
+            site.in_features, site.out_features, bias=site.bias, params_dtype=site.dtype,
+            quant_method=quant_method, prefix=site.path,
+        )
 
 
 def _normalize_skip(skip: Optional[SkipSpec]) -> Union[Tuple[str, ...], Callable[[LinearSite], bool]]:
@@ -134,16 +139,19 @@ def _own_tensors(module: nn.Module, site: LinearSite):
         yield "bias", module.bias.detach()
 
 
-def _quantize_own_weights(model: nn.Module, plan: List[LinearSite], layers: Dict[str, nn.Module], progress: bool) -> None:
-    """Load and calibrate one layer at a time, so at most one extra float weight is alive."""
+def _quantize_own_weights(
+    model: nn.Module, plan: List[LinearSite], build: Callable[[LinearSite], nn.Module], progress: bool
+) -> Dict[str, nn.Module]:
+    """Build, load and calibrate one layer at a time, so at most one extra float weight is alive."""
     problems = []
+    layers: Dict[str, nn.Module] = {}
     for site in tqdm(plan, desc="quantizing", unit="layer", disable=not progress):
         old = model.get_submodule(site.path)
         if old.weight.device.type == "meta":
             raise ValueError(
                 f"{site.path}: the model's weights are on the meta device; pass weights=<checkpoint path>"
             )
-        layer = layers[site.path]
+        layer = layers[site.path] = build(site)
         targets = {name: LoadTarget(param, owner=site.path) for name, param in layer.named_parameters()}
         try:
             load_weights(targets, _own_tensors(old, site))
@@ -153,6 +161,7 @@ def _quantize_own_weights(model: nn.Module, plan: List[LinearSite], layers: Dict
         layer.quant_method.process_weights_after_loading(layer)
     if problems:
         raise CheckpointError("quantization failed; the model was left unchanged.\n" + "\n".join(problems))
+    return layers
 
 
 def _load_checkpoint(
