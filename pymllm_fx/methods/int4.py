@@ -29,13 +29,13 @@ def quantize_int4(
 
     Each asymmetric group's range is widened to include 0 (as GPTQ does), so its integer zero point
     always lies in 0..15: a group of all-positive weights keeps full accuracy instead of clamping.
-    A tail group is padded by repeating its last column, which leaves its statistics unchanged.
+    Because the range includes 0, zero-padding a tail group to a full group leaves its statistics
+    unchanged.
     Scales and zeros come back in the weight's dtype.
     """
     n, k = weight.shape
     groups = num_groups(k, group_size)
-    padded = F.pad(weight.float()[None], (0, groups * group_size - k), mode="replicate")[0]
-    w = padded.view(n, groups, group_size)
+    w = F.pad(weight.float(), (0, groups * group_size - k)).view(n, groups, group_size)
     tiny = torch.finfo(torch.float32).tiny
     if sym:
         scales = (w.abs().amax(dim=-1) / 7).clamp(min=tiny)
