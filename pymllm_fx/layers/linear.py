@@ -188,10 +188,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                 f"{self.prefix or 'merged layer'}: shard id {shard_id!r} is not an integer in "
                 f"0..{len(self.output_sizes) - 1}"
             )
-        index = shard_id
-        offset = sum(self.output_partition_sizes[:index])
-        size = self.output_partition_sizes[index]
-        return offset, size, self.tp_rank, self.output_sizes[index]
+        offset = sum(self.output_partition_sizes[:shard_id])
+        size = self.output_partition_sizes[shard_id]
+        return offset, size, self.tp_rank, self.output_sizes[shard_id]
 
     def _shard_ids(self) -> list:
         return list(range(len(self.output_sizes)))
