@@ -1,7 +1,10 @@
 """Tiny randomly initialised transformers models for the tests, one builder for every file."""
 
 import pytest
+import torch
 from torch import nn
+
+from pymllm_fx.passes import find_linears
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,3 +40,18 @@ def build_model(arch: str, **overrides) -> nn.Module:
     else:
         raise ValueError(arch)
     return model.eval()
+
+
+_SHARED: dict = {}
+
+
+def model_and_sites(arch: str):
+    """(float model, its linear sites) per arch, built once per test run (seed 0).
+
+    Shared across test files: callers must not modify the model; quantize a deep copy.
+    """
+    if arch not in _SHARED:
+        torch.manual_seed(0)
+        model = build_model(arch)
+        _SHARED[arch] = (model, find_linears(model))
+    return _SHARED[arch]

@@ -14,11 +14,11 @@ from pymllm_fx.layers.linear import ReplicatedLinear
 from pymllm_fx.methods.fp8 import Fp8LinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
-from pymllm_fx.passes import find_linears, is_linear_module
+from pymllm_fx.passes import is_linear_module
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import ARCHS, build_model  # noqa: E402
+from hf_models import ARCHS, build_model, model_and_sites  # noqa: E402
 
 # hidden is 64, so int4 takes groups of 32 (two groups per row) instead of its default 128.
 METHODS = {"int8": "int8", "int4": {"quant_method": "int4", "group_size": 32}, "fp8": "fp8"}
@@ -55,20 +55,8 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-_FP: dict = {}
-
-
-def fp_model(arch: str):
-    """(float model, its linear sites) per arch, built once; tests quantize deep copies of it."""
-    if arch not in _FP:
-        torch.manual_seed(0)
-        model = build_model(arch)
-        _FP[arch] = (model, find_linears(model))
-    return _FP[arch]
-
-
 def quantized(arch: str, method: str):
-    model, sites = fp_model(arch)
+    model, sites = model_and_sites(arch)
     q = copy.deepcopy(model)
     result = pymllm_fx.quantize(q, METHODS[method], progress=False)
     assert result is q, "quantize works in place and returns the model"

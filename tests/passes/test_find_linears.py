@@ -13,7 +13,7 @@ from pymllm_fx.passes import find_linears, swap_linears
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import ARCHS, build_model  # noqa: E402
+from hf_models import ARCHS, build_model, model_and_sites  # noqa: E402
 
 
 # Per-layer linears as (relative path, in_features, out_features, bias, kind); head_dim 16, so k/v of
@@ -49,18 +49,6 @@ def expected_sites(arch: str) -> dict:
     for path, fin, fout, bias, k in _HEADS.get(arch, [("lm_head", 64, 128, False, "linear")]):
         out[path] = (fin, fout, bias, k)
     return out
-
-
-_CACHE: dict = {}
-
-
-def model_and_sites(arch: str):
-    """One model per arch for the read-only tests (find_linears must not modify it; tested below)."""
-    if arch not in _CACHE:
-        torch.manual_seed(0)
-        model = build_model(arch)
-        _CACHE[arch] = (model, find_linears(model))
-    return _CACHE[arch]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
