@@ -76,6 +76,17 @@ def test_merged_tp1(mode):
     torch.testing.assert_close(layer(x), F.linear(x, torch.cat(ws), torch.cat(bs)), rtol=0, atol=1e-6)
 
 
+def load_qkv(layer, mode, ws, bs, order):
+    """Load q/k/v weights and biases fused (one tensor, no shard id) or shard by shard in ``order``."""
+    if mode == "fused":
+        load(layer.weight, torch.cat([ws["q"], ws["k"], ws["v"]]))
+        load(layer.bias, torch.cat([bs["q"], bs["k"], bs["v"]]))
+    else:
+        for sid in order:
+            load(layer.weight, ws[sid], sid)
+            load(layer.bias, bs[sid], sid)
+
+
 @pytest.mark.parametrize("kv_heads", [None, 4, 2, 1], ids=lambda k: f"kv{k}")
 @pytest.mark.parametrize("mode", ["shards", "fused"])
 def test_qkv_tp1(kv_heads, mode):
@@ -86,13 +97,7 @@ def test_qkv_tp1(kv_heads, mode):
     wq, wk, wv = torch.randn(heads * hs, hidden), torch.randn(kv * hs, hidden), torch.randn(kv * hs, hidden)
     bq, bk, bv = torch.randn(heads * hs), torch.randn(kv * hs), torch.randn(kv * hs)
     assert layer.weight.shape == ((heads + 2 * kv) * hs, hidden)
-    if mode == "fused":
-        load(layer.weight, torch.cat([wq, wk, wv]))
-        load(layer.bias, torch.cat([bq, bk, bv]))
-    else:
-        for sid, w, b in (("v", wv, bv), ("q", wq, bq), ("k", wk, bk)):
-            load(layer.weight, w, sid)
-            load(layer.bias, b, sid)
+    load_qkv(layer, mode, {"q": wq, "k": wk, "v": wv}, {"q": bq, "k": bk, "v": bv}, order="vqk")
     full_w, full_b = torch.cat([wq, wk, wv]), torch.cat([bq, bk, bv])
     assert torch.equal(layer.weight.data, full_w)
     x = torch.randn(3, hidden)
@@ -185,13 +190,7 @@ def test_qkv_parallel_slices(tp, kv_heads, mode):
     q_outs, k_outs, v_outs = [], [], []
     for rank in range(tp):
         layer = QKVParallelLinear(hidden, hs, heads, kv_heads, prefix="qkv", tp_rank=rank, tp_size=tp)
-        if mode == "fused":
-            load(layer.weight, torch.cat([wq, wk, wv]))
-            load(layer.bias, torch.cat([bq, bk, bv]))
-        else:
-            for sid, w, b in (("k", wk, bk), ("v", wv, bv), ("q", wq, bq)):
-                load(layer.weight, w, sid)
-                load(layer.bias, b, sid)
+        load_qkv(layer, mode, {"q": wq, "k": wk, "v": wv}, {"q": bq, "k": bk, "v": bv}, order="kvq")
         q_rows = slice(rank * (heads // tp) * hs, (rank + 1) * (heads // tp) * hs)
         kv_block = rank // replicas  # with fewer kv heads than ranks, ranks share a kv head
         kv_rows = slice(kv_block * kv_per_rank * hs, (kv_block + 1) * kv_per_rank * hs)
