@@ -72,7 +72,7 @@ class GreedyDecoder:
             if eos_token_id is not None and int(token) == eos_token_id:
                 break
             token = self.step(token, cache)
-            tokens.append(token)
+            tokens.append(token.clone())  # under CUDA graphs the next step overwrites its output
         _sync(device)
         return torch.cat(tokens, dim=1), time.perf_counter() - start
 

@@ -1,0 +1,177 @@
+"""Every Triton kernel against its torch reference: small shapes with tails on the CPU through
+Triton's interpreter (CI), the same cases on CUDA, and the Llama-3-8B shapes on CUDA only."""
+
+import zlib
+
+import pytest
+import torch
+
+from pymllm_fx.kernels import _triton, fp8_w8a8, w4a16, w8a16
+
+pytestmark = pytest.mark.skipif(not _triton.HAS_TRITON, reason="triton is not installed")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # cpu: conftest.py sets TRITON_INTERPRET=1
+# Relative error ||out - ref|| / ||ref|| against the op's torch reference. The interpreter rounds
+# float -> bf16 by truncation (the GPU rounds to nearest), which costs up to one bf16 ulp.
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def seed(*args) -> None:
+    torch.manual_seed(zlib.crc32(repr(args).encode()))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# Small shapes: tails in N (not a multiple of any block) and K (a short last group, a partial block).
+SMALL = [(1, 40, 200, 64), (3, 24, 256, 32), (5, 33, 576, 128), (17, 70, 136, 64)]  # (M, N, K, group)
+GEMV_CFGS = [
+    dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=2),
+    dict(BLOCK_N=8, BLOCK_K=64, SPLIT_K=3, num_warps=4, num_stages=2),
+]
+W4_GEMV_CFGS = [dict(BLOCK_N=16, SPLIT_K=1, num_warps=4, num_stages=2), dict(BLOCK_N=8, SPLIT_K=3, num_warps=4, num_stages=2)]
+GEMM_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def w4_weights(n, k, group_size, dtype, asym):
+    g = w4a16.num_groups(k, group_size)
+    qweight = w4a16.pack_int4(torch.randint(0, 16, (n, k), dtype=torch.int32)).to(DEVICE)
+    scales = (torch.rand(n, g) * 0.02 + 0.005).to(DEVICE, dtype)
+    zeros = torch.randint(0, 16, (n, g)).to(DEVICE, dtype) if asym else None
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+@pytest.mark.parametrize("m, n, k, group_size", SMALL)
+def test_w4a16_kernels_match_reference(m, n, k, group_size, asym, dtype):
+    seed("w4", m, n, k, group_size, asym, dtype)
+    qweight, scales, zeros = w4_weights(n, k, group_size, dtype, asym)
+    x = torch.randn(m, k).to(DEVICE, dtype)
+    bias = torch.randn(n).to(DEVICE, dtype)
+    ref = w4a16.w4a16_reference(x, qweight, scales, zeros, group_size, bias)
+    for cfg in W4_GEMV_CFGS:
+        out = w4a16.w4a16_gemv(x, qweight, scales, zeros, group_size, bias, cfg)
+        assert out.dtype == dtype and rel_err(out, ref) <= REL_TOL[dtype], cfg
+    for after in (False, True):
+        out = w4a16.w4a16_gemm(x, qweight, scales, zeros, group_size, bias, dict(GEMM_CFG, SCALE_AFTER_DOT=after))
+        assert rel_err(out, ref) <= REL_TOL[dtype]
+    weight = w4a16.w4a16_dequantize(qweight, scales, zeros, group_size, dtype)
+    assert rel_err(weight, w4a16.dequantize_int4(qweight, scales, zeros, group_size).to(dtype)) <= REL_TOL[dtype] / 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m, n, k", [(1, 40, 200), (3, 24, 256), (17, 70, 136)])
+def test_w8a16_kernels_match_reference(m, n, k, dtype):
+    seed("w8", m, n, k, dtype)
+    qweight = torch.randint(-128, 128, (n, k), dtype=torch.int8).to(DEVICE)
+    scales = (torch.rand(n) * 0.02 + 0.001).to(DEVICE, dtype)
+    x = torch.randn(m, k).to(DEVICE, dtype)
+    bias = torch.randn(n).to(DEVICE, dtype)
+    ref = w8a16.w8a16_reference(x, qweight, scales, bias)
+    for cfg in GEMV_CFGS:
+        assert rel_err(w8a16.w8a16_gemv(x, qweight, scales, bias, cfg), ref) <= REL_TOL[dtype], cfg
+    assert rel_err(w8a16.w8a16_gemm(x, qweight, scales, bias, GEMM_CFG), ref) <= REL_TOL[dtype]
+
+
+def fp8_emulated(xq, x_scale, weight, weight_scale, bias, dtype):
+    """The fp8 product from given quantized activations, exactly in float32."""
+    out = (xq.float() @ weight.float().t()) * x_scale * weight_scale
+    return (out + bias.float()).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m, n, k", [(1, 40, 200), (3, 24, 256), (17, 70, 136)])
+def test_fp8_kernels_match_reference(m, n, k, dtype):
+    seed("fp8", m, n, k, dtype)
+    weight, weight_scale = fp8_w8a8.quantize_fp8_per_channel(torch.randn(n, k).to(DEVICE))
+    x = (torch.randn(m, k) * torch.logspace(-2, 1, k)).to(DEVICE, dtype)
+    bias = torch.randn(n).to(DEVICE, dtype)
+    xq, x_scale = fp8_w8a8.fp8_quantize_rows(x, block_k=64)
+    ref_q, ref_scale = fp8_w8a8.quantize_fp8_per_token(x)
+    assert torch.equal(x_scale, ref_scale)
+    if CUDA:  # both round to nearest even. Triton 3.9's interpreter converts to e4m3 wrongly
+        assert torch.equal(xq.float(), ref_q.float())  # (126.46 -> 64), so only CUDA checks values.
+    # The kernels quantize x themselves (the GEMV fused); compare with the product of their values.
+    ref = fp8_emulated(xq, x_scale, weight, weight_scale, bias, dtype)
+    gemv_cfg = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2)
+    assert rel_err(fp8_w8a8.fp8_gemv(x, weight, weight_scale, bias, gemv_cfg), ref) <= REL_TOL[dtype]
+    assert rel_err(fp8_w8a8.fp8_gemm(x, weight, weight_scale, bias, GEMM_CFG), ref) <= REL_TOL[dtype]
+    if CUDA:
+        full_ref = fp8_w8a8.fp8_linear_reference(x, weight, weight_scale, bias)
+        assert rel_err(fp8_w8a8.fp8_triton(x, weight, weight_scale, bias), full_ref) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (1, 1, 4)], ids=["3d", "4d"])
+def test_launchers_take_batched_and_strided_activations(lead):
+    seed("lead", lead)
+    n, k, group_size = 24, 128, 32
+    qweight, scales, zeros = w4_weights(n, k, group_size, torch.float16, True)
+    wide = torch.randn(*lead, 2 * k).to(DEVICE, torch.float16)
+    x = wide[..., ::2]  # a strided view: the launcher makes the rows contiguous
+    out = w4a16.w4a16_triton(x, qweight, scales, zeros, group_size, None)
+    assert out.shape == (*lead, n)
+    ref = w4a16.w4a16_reference(x.contiguous(), qweight, scales, zeros, group_size)
+    assert rel_err(out, ref) <= REL_TOL[torch.float16]
+    q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8).to(DEVICE)
+    s8 = torch.rand(n).to(DEVICE, torch.float16) * 0.01
+    out8 = w8a16.w8a16_triton(x, q8, s8, None)
+    assert out8.shape == (*lead, n) and rel_err(out8, w8a16.w8a16_reference(x, q8, s8)) <= REL_TOL[torch.float16]
+
+
+@pytest.mark.parametrize(
+    "op, make",
+    [
+        ("w4a16_linear", lambda: (w4_weights(8, 64, 32, torch.float16, True), 32)),
+        ("w8a16_linear", lambda: ((torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, dtype=torch.float16)), None)),
+    ],
+)
+def test_ops_refuse_non_contiguous_weights(op, make):
+    tensors, group_size = make()
+    tensors = [t.cpu() if t is not None else None for t in tensors]
+    strided = tensors[0].t().contiguous().t()  # same shape and values, column-major strides
+    assert not strided.is_contiguous()
+    args = [torch.randn(2, 64, dtype=torch.float16), strided, *tensors[1:]]
+    args += [group_size, None] if group_size else [None]
+    with pytest.raises(ValueError, match=f"pymllm_fx.{op}: qweight must be contiguous"):
+        getattr(torch.ops.pymllm_fx, op)(*args)
+
+
+def test_fp8_refuses_non_contiguous_weight():
+    weight, scale = fp8_w8a8.quantize_fp8_per_channel(torch.randn(16, 32))
+    strided = weight.t().contiguous().t()
+    with pytest.raises(ValueError, match="pymllm_fx.fp8_linear: weight must be contiguous"):
+        torch.ops.pymllm_fx.fp8_linear(torch.randn(2, 32), strided, scale, None)
+
+
+# --- real shapes, CUDA only: every path the op chooses, through the op itself -------------------
+
+LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (4096, 28672)]  # (K, N)
+
+
+@pytest.mark.skipif(not CUDA, reason="real shapes need a CUDA device")
+@pytest.mark.parametrize("m", [1, 8, 32, 128, 1024])
+@pytest.mark.parametrize("k, n", LLAMA_SHAPES)
+def test_ops_on_cuda_at_llama_shapes(k, n, m):
+    seed("cuda", k, n, m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    g = w4a16.num_groups(k, 128)
+    qweight = w4a16.pack_int4(torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32))
+    scales = (torch.rand(n, g, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (n, g), device="cuda").to(torch.bfloat16)
+    out = torch.ops.pymllm_fx.w4a16_linear(x, qweight, scales, zeros, 128, bias)
+    assert rel_err(out, w4a16.w4a16_reference(x, qweight, scales, zeros, 128, bias)) <= 1e-2
+    out = torch.ops.pymllm_fx.w4a16_linear(x, qweight, scales, None, 128, None)
+    assert rel_err(out, w4a16.w4a16_reference(x, qweight, scales, None, 128)) <= 1e-2
+    q8 = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+    s8 = (torch.rand(n, device="cuda") * 0.01).to(torch.bfloat16)
+    out = torch.ops.pymllm_fx.w8a16_linear(x, q8, s8, bias)
+    assert rel_err(out, w8a16.w8a16_reference(x, q8, s8, bias)) <= 1e-2
+    weight, weight_scale = fp8_w8a8.quantize_fp8_per_channel(torch.randn(n, k, device="cuda"))
+    out = torch.ops.pymllm_fx.fp8_linear(x, weight, weight_scale, bias)
+    assert rel_err(out, fp8_w8a8.fp8_linear_reference(x, weight, weight_scale, bias)) <= 1e-2
