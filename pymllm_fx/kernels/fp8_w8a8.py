@@ -138,7 +138,7 @@ def _fp8_gemm_kernel(
         x = tl.load(xq_ptr + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if DOT_F32:  # Triton's interpreter has no fp8 dot
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     acc *= tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)[:, None]

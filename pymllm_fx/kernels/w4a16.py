@@ -121,6 +121,14 @@ def _unpack_tile(q, offset, scale, dtype: tl.constexpr, ROWS: tl.constexpr, BLOC
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b``; float32 operands stay float32 (Triton would round them to tf32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     N, K, num_groups, stride_xm, stride_om,
@@ -224,10 +232,10 @@ def _w4a16_gemm_kernel(
         # activation dtype first, as the reference does.
         if SCALE_AFTER_DOT:
             w = _unpack_tile(q, (zero + 8388608.0)[:, None], 1.0, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
-            acc += tl.dot(x.to(dtype), tl.trans(w.to(dtype))) * scale[None, :]
+            acc += _dot(x.to(dtype), tl.trans(w.to(dtype)), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_F32) * scale[None, :]
         else:
             w = _unpack_tile(q, (zero + 8388608.0)[:, None], scale[:, None], x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
-            acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
+            acc = _dot(x.to(dtype), tl.trans(w.to(dtype)), acc, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]

@@ -101,7 +101,7 @@ def _w8a16_gemm_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         q = tl.load(qweight_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
         if DOT_F32:  # fp32 activations, and Triton's interpreter, which mishandles bf16 dots
-            acc = tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), acc)
+            acc = tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(q.to(x.dtype)), acc)
     acc *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]

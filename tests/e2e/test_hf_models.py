@@ -154,6 +154,15 @@ def test_int4_model_has_no_graph_breaks(arch):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_llama_has_no_graph_breaks_with_every_method(method):
+    _, _, q = quantized("llama", method)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(q)(**forward_kwargs("llama", token_ids(seed=4)))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 def test_bf16_llama_int4():
     torch.manual_seed(0)
     model = build_model("llama").to(torch.bfloat16)

@@ -1,0 +1,188 @@
+"""Sweep the Triton kernels' block shapes on the GPU at the Llama-3-8B linear shapes; print the best
+per (kernel, shape, M) against bf16 cuBLAS and write every timing to JSON.
+
+The winners become the config tables in ``pymllm_fx/kernels/*.py``. Usage (on a CUDA machine):
+    pip install -e . && python benchmarks/tune.py --json benchmarks/results/tune.json [--families w4a16,w8a16,fp8]
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules; pymllm_fx is installed
+
+from timing import copies_for, copy_bandwidth_gbs, graph_time_us  # noqa: E402
+from pymllm_fx.kernels import fp8_w8a8, w4a16, w8a16  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N)
+MS = [1, 8, 32, 128, 1024, 4096]
+GROUP = 128
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_w4(n, k, device):
+    codes = torch.randint(0, 16, (n, k), device=device, dtype=torch.int32)
+    g = w4a16.num_groups(k, GROUP)
+    return dict(
+        qweight=w4a16.pack_int4(codes),
+        scales=(torch.rand(n, g, device=device) * 0.02 + 0.002).to(torch.bfloat16),
+        zeros=torch.randint(0, 16, (n, g), device=device).to(torch.bfloat16),
+    )
+
+
+def make_w8(n, k, device):
+    return dict(
+        qweight=torch.randint(-128, 128, (n, k), device=device, dtype=torch.int8),
+        scales=(torch.rand(n, device=device) * 0.02).to(torch.bfloat16),
+    )
+
+
+def make_fp8(n, k, device):
+    weight, scale = fp8_w8a8.quantize_fp8_per_channel(torch.randn(n, k, device=device))
+    return dict(weight=weight, weight_scale=scale)
+
+
+def nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
+
+
+# Candidate configs per path. Each distinct set of constexprs compiles once and serves every shape.
+GEMV_BASE = [
+    dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+    for bn, bk, w, s in itertools.product([8, 16, 32], [256, 512], [4], [2, 4])
+] + [dict(BLOCK_N=32, BLOCK_K=bk, num_warps=8, num_stages=3) for bk in (256, 512)]
+W4_GEMV_BASE = [
+    dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in itertools.product([32, 64, 128], [4, 8], [2, 3, 4])
+]
+
+
+def gemm_candidates(m, family):
+    if m <= 16:
+        grid = itertools.product([16], [32, 64, 128], [128], [4], [3, 4, 5])
+    elif m <= 32:
+        grid = itertools.product([16, 32], [64, 128], [64, 128], [4], [3, 4])
+    elif m <= 128:
+        grid = itertools.product([32, 64], [64, 128, 256], [64, 128], [4, 8], [3])
+    else:
+        grid = itertools.product([64, 128], [128, 256], [64, 128], [4, 8], [3, 4])
+    cfgs = [dict(BLOCK_M=a, BLOCK_N=b, BLOCK_K=c, GROUP_M=8, num_warps=w, num_stages=s) for a, b, c, w, s in grid]
+    if family == "w4a16" and m <= 32:
+        cfgs += [dict(c, SCALE_AFTER_DOT=True) for c in cfgs]
+    return cfgs
+
+
+def family_paths(family, m):
+    """(path name, config or None, fn(x, w, config)) candidates for one M."""
+    if family == "w4a16":
+        gemv = lambda x, w, c: w4a16.w4a16_gemv(x, w["qweight"], w["scales"], w["zeros"], GROUP, None, c)  # noqa: E731
+        gemm = lambda x, w, c: w4a16.w4a16_gemm(x, w["qweight"], w["scales"], w["zeros"], GROUP, None, c)  # noqa: E731
+
+        def deq(x, w, c):
+            return F.linear(x, w4a16.w4a16_dequantize(w["qweight"], w["scales"], w["zeros"], GROUP, x.dtype))
+
+        ref = lambda x, w: w4a16.w4a16_reference(x, w["qweight"], w["scales"], w["zeros"], GROUP)  # noqa: E731
+    elif family == "w8a16":
+        gemv = lambda x, w, c: w8a16.w8a16_gemv(x, w["qweight"], w["scales"], None, c)  # noqa: E731
+        gemm = lambda x, w, c: w8a16.w8a16_gemm(x, w["qweight"], w["scales"], None, c)  # noqa: E731
+        deq = lambda x, w, c: w8a16.w8a16_reference(x, w["qweight"], w["scales"])  # noqa: E731
+        ref = lambda x, w: w8a16.w8a16_reference(x, w["qweight"], w["scales"])  # noqa: E731
+    else:
+        gemv = lambda x, w, c: fp8_w8a8.fp8_gemv(x, w["weight"], w["weight_scale"], None, c)  # noqa: E731
+        gemm = lambda x, w, c: fp8_w8a8.fp8_gemm(x, w["weight"], w["weight_scale"], None, c)  # noqa: E731
+        deq = lambda x, w, c: fp8_w8a8.fp8_scaled_mm(x, w["weight"], w["weight_scale"], None)  # noqa: E731
+        ref = lambda x, w: fp8_w8a8.fp8_linear_reference(x, w["weight"], w["weight_scale"])  # noqa: E731
+    paths = []
+    if m <= 8:
+        splits = [1, 2, 4] if family != "fp8" else [None]
+        for base, split in itertools.product(W4_GEMV_BASE if family == "w4a16" else GEMV_BASE, splits):
+            cfg = dict(base) if split is None else dict(base, SPLIT_K=split)
+            paths.append(("gemv", cfg, gemv))
+    paths += [("gemm", c, gemm) for c in gemm_candidates(m, family)]
+    if m >= 32:
+        paths.append(("dequant+cublas" if family != "fp8" else "scaled_mm", None, deq))
+    return paths, ref
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--families", default="w4a16,w8a16,fp8")
+    ap.add_argument("--shapes", default=None, help="K:N,K:N (default: the Llama-3-8B shapes)")
+    ap.add_argument("--ms", default=None, help="comma-separated M values")
+    ap.add_argument("--budget-s", type=float, default=400, help="stop sweeping after this many seconds")
+    ap.add_argument("--json", default="benchmarks/results/tune.json")
+    args = ap.parse_args()
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
+    ms = MS if args.ms is None else [int(v) for v in args.ms.split(",")]
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    bw = copy_bandwidth_gbs()
+    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s", flush=True)
+    results = dict(device=torch.cuda.get_device_name(), copy_gbs=bw, torch=torch.__version__, rows=[])
+    makers = dict(w4a16=make_w4, w8a16=make_w8, fp8=make_fp8)
+    bf16_us = {}
+    summary = []
+    families = args.families.split(",")
+    budgets = dict(w4a16=0.55, w8a16=0.2, fp8=0.25)
+    for family in families:
+        family_t0 = time.time()
+        share = budgets[family] / sum(budgets[f] for f in families) * args.budget_s
+        for k, n in shapes:
+            one = makers[family](n, k, dev)
+            weights = [one] + [makers[family](n, k, dev) for _ in range(copies_for(nbytes(one)) - 1)]
+            bf16_w = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies_for(2 * n * k))]
+            for m in ms:
+                if time.time() - family_t0 > share:
+                    print(f"{family}: time share spent; skipping K={k} N={n} M={m}", flush=True)
+                    continue
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                base_us = bf16_us.get((k, n, m))
+                if base_us is None:
+                    base_us = bf16_us[(k, n, m)] = graph_time_us([lambda w=w: F.linear(x, w) for w in bf16_w])
+                    results["rows"].append(dict(kernel="bf16", K=k, N=n, M=m, us=base_us))
+                paths, ref = family_paths(family, m)
+                expect = ref(x, weights[0])
+                best = None
+                for path, cfg, fn in paths:
+                    try:
+                        err = rel_err(fn(x, weights[0], cfg), expect)
+                        if not err < 2e-2:
+                            raise AssertionError(f"rel err {err:.2e}")
+                        us = graph_time_us([lambda w=w: fn(x, w, cfg) for w in weights], replays=7)
+                    except Exception as exc:  # a config that does not fit (shared memory) or is wrong
+                        results["rows"].append(dict(kernel=family, path=path, cfg=cfg, K=k, N=n, M=m, error=str(exc)[:300]))
+                        continue
+                    results["rows"].append(dict(kernel=family, path=path, cfg=cfg, K=k, N=n, M=m, us=us, err=err))
+                    if best is None or us < best[0]:
+                        best = (us, path, cfg)
+                if best:
+                    gbs = nbytes(one) / best[0] / 1e3
+                    summary.append((family, k, n, m, best[1], best[0], base_us / best[0], gbs / bw, best[2]))
+                    print(f"{family:6} K={k:5} N={n:5} M={m:4} {best[1]:15} {best[0]:9.1f} us  x{base_us / best[0]:5.2f} vs bf16"
+                          f" ({base_us:8.1f} us)  {gbs / bw:4.0%} of copy bw  {best[2]}", flush=True)
+                os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+                with open(args.json, "w") as f:
+                    json.dump(results, f)
+            del weights, one, bf16_w
+    errors = {}
+    for row in results["rows"]:
+        if "error" in row:
+            errors.setdefault((row["kernel"], row["path"], row["error"][:120]), 0)
+            errors[(row["kernel"], row["path"], row["error"][:120])] += 1
+    for (family, path, msg), count in sorted(errors.items()):
+        print(f"failed x{count}: {family} {path}: {msg}")
+    print("\nbest per (kernel, shape, M):")
+    for row in summary:
+        print("%-6s K=%5d N=%5d M=%4d %-15s %9.1f us  x%5.2f  %4.0f%%  %s" % (*row[:7], 100 * row[7], row[8]))
+
+
+if __name__ == "__main__":
+    main()
