@@ -20,5 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+bench: $(STAMP)  # needs a CUDA GPU; the peers (gemlite, torchao) must be installed for their columns
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/e2e.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info
