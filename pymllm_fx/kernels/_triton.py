@@ -48,3 +48,40 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# --- pieces shared by the kernels (Triton inlines these into each kernel) ----------------------
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (row block, column block) of program ``pid``, walking GROUP_M row blocks per column
+    block so that neighbouring programs share weight tiles in L2."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % rows, (pid % width) // rows
+
+
+@triton.jit
+def store_row(out_ptr, out, bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """A GEMV program's float32 results for one output row: bias once (by the first K split),
+    then a plain store, or a float32 atomic add when SPLIT_K programs share the row."""
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(out_ptr + offs_n, out, mask=n_ok, sem="relaxed")
+
+
+@triton.jit
+def store_tile(out_ptr, acc, bias_ptr, offs_m, offs_n, m_ok, n_ok, stride_om, HAS_BIAS: tl.constexpr):
+    """A GEMM program's float32 tile: bias, cast to the output dtype, masked store."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

@@ -9,7 +9,16 @@ from typing import Optional, Tuple
 import torch
 
 from pymllm_fx.kernels._checks import check_activation, check_bias, check_tensor
-from pymllm_fx.kernels._triton import INTERPRET, as_rows, check_contiguous, num_sms, runs_triton, tl, triton
+from pymllm_fx.kernels._triton import (
+    INTERPRET,
+    as_rows,
+    check_contiguous,
+    grouped_tile,
+    runs_triton,
+    store_tile,
+    tl,
+    triton,
+)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
@@ -118,14 +127,7 @@ def _fp8_gemm_kernel(
     GROUP_M: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Tensor-core path on quantized activations: e4m3 x e4m3 dot, both scales in the epilogue."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -143,10 +145,7 @@ def _fp8_gemm_kernel(
             acc = tl.dot(x, tl.trans(w), acc)
     acc *= tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
     acc *= tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(out_ptr, acc, bias_ptr, offs_m, offs_n, m_ok, n_ok, stride_om, HAS_BIAS)
 
 
 # Paths by M, measured on the H100 (benchmarks/tune.py): the fused GEMV for decode, then the

@@ -16,7 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from pymllm_fx.kernels._checks import FLOATS, check_activation, check_bias, check_tensor
-from pymllm_fx.kernels._triton import INTERPRET, as_rows, check_contiguous, num_sms, runs_triton, tl, triton
+from pymllm_fx.kernels._triton import (
+    INTERPRET,
+    as_rows,
+    check_contiguous,
+    grouped_tile,
+    num_sms,
+    runs_triton,
+    store_row,
+    store_tile,
+    tl,
+    triton,
+)
 
 PACK_FACTOR = 8
 SYMMETRIC_ZERO = 8
@@ -171,13 +182,7 @@ def _w4a16_gemv_kernel(
             part += _plane(q, j, offset) * tl.load(xk + j, mask=in_k, other=0.0).to(tl.float32)[None, :]
         acc += part * scale[:, None]
     out = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + row * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(out_ptr + row * stride_om + offs_n, out, mask=n_ok, sem="relaxed")
+    store_row(out_ptr + row * stride_om, out, bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -193,16 +198,7 @@ def _w4a16_gemm_kernel(
 
     SCALE_AFTER_DOT (small M): the tile holds the exact integers ``code - zero`` and the scale
     multiplies the (BLOCK_M, BLOCK_N) partial product instead of every weight."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # Walk GROUP_M row blocks per column block so neighbouring programs share weight tiles in L2.
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
-
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     WORDS: tl.constexpr = BLOCK_K // 8
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,10 +232,7 @@ def _w4a16_gemm_kernel(
         else:
             w = _unpack_tile(q, (zero + 8388608.0)[:, None], scale[:, None], x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
             acc = _dot(x.to(dtype), tl.trans(w.to(dtype)), acc, DOT_F32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(out_ptr, acc, bias_ptr, offs_m, offs_n, m_ok, n_ok, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -357,7 +350,10 @@ def w4a16_triton(x, qweight, scales, zeros, group_size, bias):
     dequantize-then-cuBLAS for large M (or fp32 activations past decode sizes)."""
     x2 = as_rows(x)
     m = x2.shape[0]
-    if m <= GEMV_MAX_M:
+    if group_size < 16 or group_size > 256 or group_size & (group_size - 1):
+        # Triton block shapes are powers of two; other group sizes take the (exact) reference.
+        out = w4a16_reference(x2, qweight, scales, zeros, group_size, bias)
+    elif m <= GEMV_MAX_M:
         out = w4a16_gemv(x2, qweight, scales, zeros, group_size, bias)
     elif m < DEQUANT_MIN_M and x2.dtype != torch.float32:
         out = w4a16_gemm(x2, qweight, scales, zeros, group_size, bias)

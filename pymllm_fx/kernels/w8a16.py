@@ -9,7 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from pymllm_fx.kernels._checks import FLOATS, check_activation, check_bias, check_tensor
-from pymllm_fx.kernels._triton import INTERPRET, as_rows, check_contiguous, num_sms, runs_triton, tl, triton
+from pymllm_fx.kernels._triton import (
+    INTERPRET,
+    as_rows,
+    check_contiguous,
+    grouped_tile,
+    num_sms,
+    runs_triton,
+    store_row,
+    store_tile,
+    tl,
+    triton,
+)
 
 
 def _check(x, qweight, scales, bias) -> None:
@@ -65,13 +76,7 @@ def _w8a16_gemv_kernel(
         xv = tl.load(x_ptr + row * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
         acc += q.to(tl.float32) * xv[None, :]
     out = tl.sum(acc, axis=1) * tl.load(scales_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + row * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(out_ptr + row * stride_om + offs_n, out, mask=n_ok, sem="relaxed")
+    store_row(out_ptr + row * stride_om, out, bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -81,14 +86,7 @@ def _w8a16_gemm_kernel(
     GROUP_M: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Tensor-core path: int8 tiles converted to the activation dtype and fed to ``tl.dot``."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -105,10 +103,7 @@ def _w8a16_gemm_kernel(
         else:
             acc = tl.dot(x, tl.trans(q.to(x.dtype)), acc)
     acc *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(out_ptr, acc, bias_ptr, offs_m, offs_n, m_ok, n_ok, stride_om, HAS_BIAS)
 
 
 # Paths and block shapes by M (activation rows), from benchmarks/tune.py on the H100 at the
