@@ -47,6 +47,11 @@ def quantize(
     _check_model(model)
     skip = _normalize_skip(skip)
     quant_method = resolve(method)
+    if getattr(quant_method, "prequantized", False) and weights is None:
+        raise ValueError(
+            f"method {quant_method.name!r} loads an already-quantized checkpoint: pass "
+            f"weights=<checkpoint path> (the model's own float weights cannot be converted to it)"
+        )
     sites = find_linears(model, example_inputs)
     if not sites:
         raise ValueError(

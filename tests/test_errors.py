@@ -54,16 +54,26 @@ def checkpoint_state():
     return {k: v.detach().clone().contiguous() for k, v in tiny_llama().state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["int3", "INT5", "gptq", ""])
+@pytest.mark.parametrize("name", ["int3", "INT5", "gptq4", ""])
 def test_unknown_method_lists_valid_names(llama, name):
-    with pytest.raises(ValueError, match="fp8, int4, int8, none") as err:
+    with pytest.raises(ValueError, match="awq, compressed-tensors, fp8, gptq, int4, int8, none") as err:
         pymllm_fx.quantize(llama, name, progress=False)
     assert repr(name) in str(err.value)
 
 
 def test_unknown_method_in_quantization_config(llama):
-    with pytest.raises(ValueError, match="fp8, int4, int8, none"):
+    with pytest.raises(ValueError, match="awq, compressed-tensors, fp8, gptq, int4, int8, none"):
         pymllm_fx.quantize(llama, {"quant_method": "awq4"}, progress=False)
+
+
+@pytest.mark.parametrize("name", ["awq", "gptq"])
+def test_checkpoint_methods_need_weights(llama, name):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{name}.*weights=") as err:
+        pymllm_fx.quantize(llama, name, progress=False)
+    assert "checkpoint" in str(err.value)
+    after = llama.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def _quantize_from(model, state, tmp_path, method="int8"):

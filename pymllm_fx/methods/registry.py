@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Dict, Type, Union
 
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
+from pymllm_fx.methods.awq import AWQLinearMethod
 from pymllm_fx.methods.common import check_config_keys
+from pymllm_fx.methods.compressed_tensors import CompressedTensorsLinearMethod
 from pymllm_fx.methods.fp8 import Fp8LinearMethod
+from pymllm_fx.methods.gptq import GPTQLinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
 
@@ -28,6 +31,9 @@ METHODS: Dict[str, Type[LinearMethodBase]] = {
     "int8": Int8LinearMethod,
     "int4": Int4LinearMethod,
     "fp8": Fp8LinearMethod,
+    "awq": AWQLinearMethod,
+    "gptq": GPTQLinearMethod,
+    "compressed-tensors": CompressedTensorsLinearMethod,
 }
 
 MethodSpec = Union[str, dict, LinearMethodBase]

@@ -200,7 +200,7 @@ def test_quantize_int8_codes():
 
 
 def test_method_names():
-    assert method_names() == ["fp8", "int4", "int8", "none"]
+    assert method_names() == ["awq", "compressed-tensors", "fp8", "gptq", "int4", "int8", "none"]
     assert pymllm_fx.method_names() == method_names()
 
 
@@ -227,11 +227,11 @@ def test_resolve_instance_is_returned_as_is():
     assert resolve(method) is method
 
 
-@pytest.mark.parametrize("spec", ["awq", {"quant_method": "gptq_v9"}])
+@pytest.mark.parametrize("spec", ["awq4", {"quant_method": "gptq_v9"}])
 def test_resolve_unknown_name_lists_valid_names(spec):
     with pytest.raises(ValueError, match="unknown quantization method") as info:
         resolve(spec)
-    for name in ("fp8", "int4", "int8", "none"):
+    for name in ("awq", "fp8", "gptq", "int4", "int8", "none"):
         assert name in str(info.value)
 
 

@@ -1,0 +1,226 @@
+"""``"awq"``: load AutoAWQ GEMM checkpoints (4-bit, per-group scales and zero points) into W4A16.
+
+Checkpoint layout (AutoAWQ ``WQLinear_GEMM``; K = in features, N = out features, g = group size):
+
+- ``qweight`` int32 ``(K, N // 8)``: packed along N. Word ``c`` of row k holds the codes of output
+  features ``8c .. 8c+7`` in the interleaved order ``AWQ_ORDER``: nibble i (bits ``4i .. 4i+3``)
+  is output feature ``8c + AWQ_ORDER[i]``.
+- ``qzeros`` int32 ``(K // g, N // 8)``: integer zero points, packed exactly like ``qweight``.
+- ``scales`` float16 ``(K // g, N)``.
+- The weight is ``W[n, k] = (q[k, n] - z[k // g, n]) * s[k // g, n]``.
+
+``zero_point: false`` (symmetric) checkpoints still carry ``qzeros`` (every consumer of this layout
+reads them); they must all be 8, and the layer then runs with the symmetric zero of the runtime.
+
+``process_weights_after_loading`` unpacks, transposes and repacks everything into the W4A16 runtime
+layout (``kernels/w4a16.py``) and deletes the checkpoint tensors; ``apply`` runs
+``torch.ops.pymllm_fx.w4a16_linear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+import torch
+
+from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4
+from pymllm_fx.layers.parameter import replace_parameters, set_weight_attrs
+from pymllm_fx.layers.quantize_base import LinearMethodBase
+from pymllm_fx.methods.common import check_config_keys
+
+# Nibble i of a packed word holds the value of column AWQ_ORDER[i] of its group of eight, so column
+# p sits in nibble AWQ_REVERSE_ORDER[p] (AutoAWQ awq/utils/packing_utils.py).
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+# The runtime group size used when the checkpoint's groups are larger (or one group per row): a
+# large group is a run of 128-wide runtime groups sharing one scale and zero, which is exact.
+RUNTIME_GROUP = 128
+# Keys that do not change what the stored tensors mean: AutoAWQ / transformers AwqConfig kernel and
+# fusing choices, and the calibration fields transformers' AwqConfig inherits from GPTQConfig (its
+# ``sym`` is GPTQ's default, not AWQ's: AWQ's own key is ``zero_point``).
+IGNORED_KEYS = (
+    "backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse", "exllama_config", "sym", "tokenizer", "dataset",
+    "damp_percent", "act_group_aware", "true_sequential", "meta", "model_seqlen", "block_name_to_quantize",
+    "module_name_preceding_first_block", "batch_size", "pad_token_id", "max_input_length", "cache_block_outputs",
+    "modules_in_block_to_quantize",
+)
+
+
+def supported_group_size(group_size: int) -> bool:
+    """32 and 64 run as they are; -1 (one group per row) and multiples of 128 run as groups of 128."""
+    return group_size in (-1, 32, 64) or (group_size > 0 and group_size % RUNTIME_GROUP == 0)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``(R, N // 8)`` in AutoAWQ's interleaved order -> int32 codes ``(R, N)`` in column order."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # (R, N // 8, 8), nibble order
+    reverse = torch.tensor(AWQ_REVERSE_ORDER, device=packed.device)
+    return nibbles.index_select(-1, reverse).reshape(packed.shape[0], -1)
+
+
+def expand_groups(t: torch.Tensor, group_size: int, runtime_group: int, k: int) -> torch.Tensor:
+    """``(N, G)`` per checkpoint group -> ``(N, ceil(K / runtime_group))`` per runtime group."""
+    if runtime_group == group_size:
+        return t.contiguous()
+    starts = torch.arange(num_groups(k, runtime_group), device=t.device) * runtime_group
+    return t.index_select(1, starts // group_size).contiguous()
+
+
+@dataclass
+class AWQLinearMethod(LinearMethodBase):
+    """AutoAWQ GEMM 4-bit weights, repacked into the W4A16 layout; activations stay float."""
+
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    version: str = "gemm"
+    # Module names the checkpoint left unquantized (from quantization_config); skip them when
+    # quantizing, since their tensors are plain float weights.
+    modules_to_not_convert: Tuple[str, ...] = ()
+
+    name = "awq"
+    # Loads an already-quantized checkpoint: there is no float weight to calibrate from, so
+    # quantize() needs weights=<checkpoint path>.
+    prequantized = True
+
+    def __post_init__(self) -> None:
+        if self.bits != 4:
+            raise ValueError(f"awq: bits={self.bits} is not supported; AutoAWQ GEMM checkpoints are 4-bit (bits=4)")
+        if not supported_group_size(self.group_size):
+            raise ValueError(
+                f"awq: group_size {self.group_size} is not supported; use 32, 64, a multiple of 128, or -1 "
+                f"(one group per output row)"
+            )
+        if str(self.version).lower() != "gemm":
+            raise ValueError(
+                f"awq: version {self.version!r} is not supported; only AutoAWQ's 'gemm' layout is loaded "
+                f"(re-export the model with version='gemm')"
+            )
+        self.version = "gemm"
+        self.modules_to_not_convert = tuple(self.modules_to_not_convert or ())
+
+    def _group(self, k: int) -> int:
+        """The checkpoint's group size for a layer with ``k`` input features."""
+        return k if self.group_size == -1 else self.group_size
+
+    def _runtime_group(self) -> int:
+        return self.group_size if self.group_size in (32, 64) else RUNTIME_GROUP
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        where = getattr(layer, "prefix", "") or "layer"
+        k, n = input_size_per_partition, sum(output_partition_sizes)
+        group = self._group(k)
+        if k % group:
+            raise ValueError(
+                f"{where}: awq needs in_features divisible by group_size, but in_features={k} and "
+                f"group_size={group}; skip this layer or use a checkpoint with a group size that divides {k}"
+            )
+        if k % PACK_FACTOR:
+            raise ValueError(
+                f"{where}: awq runs with {PACK_FACTOR} input features per int32, but in_features={k} is not "
+                f"a multiple of {PACK_FACTOR}; skip this layer"
+            )
+        for size in output_partition_sizes:
+            if size % PACK_FACTOR:
+                raise ValueError(
+                    f"{where}: awq packs {PACK_FACTOR} output features per int32, but out_features={size} is "
+                    f"not a multiple of {PACK_FACTOR}; skip this layer"
+                )
+        # One group per row is the same on every tensor-parallel rank: no input_dim to split along.
+        group_input_dim = None if self.group_size == -1 else 0
+
+        def register(name: str, shape: tuple, dtype: torch.dtype, attrs: dict) -> None:
+            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(param, {key: value for key, value in attrs.items() if value is not None})
+            set_weight_attrs(param, extra_weight_attrs)
+            layer.register_parameter(name, param)
+
+        packed_n = dict(output_dim=1, packed_dim=1, packed_factor=PACK_FACTOR)
+        register("qweight", (k, n // PACK_FACTOR), torch.int32, dict(input_dim=0, **packed_n))
+        register("qzeros", (k // group, n // PACK_FACTOR), torch.int32, dict(input_dim=group_input_dim, **packed_n))
+        register("scales", (k // group, n), params_dtype, dict(input_dim=group_input_dim, output_dim=1))
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # Everything is computed and checked first; the layer changes only at the end.
+        where = getattr(layer, "prefix", "") or "layer"
+        k = layer.qweight.shape[0]
+        group = self._group(k)
+        scales = layer.scales.data
+        if not torch.isfinite(scales).all():
+            bad = (~torch.isfinite(scales)).nonzero()[0].tolist()
+            raise ValueError(
+                f"{where}: tensor 'scales' holds NaN or Inf (first at [group, out] = {bad}); the checkpoint "
+                f"is corrupt or was not saved from a finished AWQ run"
+            )
+        codes = unpack_awq(layer.qweight.data).t()  # (N, K)
+        zeros = unpack_awq(layer.qzeros.data).t()  # (N, K // g)
+        runtime_group = self._runtime_group()
+        if not self.zero_point:
+            if not bool((zeros == SYMMETRIC_ZERO).all()):
+                raise ValueError(
+                    f"{where}: quantization_config has zero_point=false (symmetric), but tensor 'qzeros' holds "
+                    f"zero points other than {SYMMETRIC_ZERO}; set zero_point=true for this checkpoint"
+                )
+            runtime_zeros = None
+        else:
+            runtime_zeros = expand_groups(zeros.to(scales.dtype), group, runtime_group, k)
+        replace_parameters(
+            layer,
+            ("qweight", "qzeros", "scales"),
+            {
+                "qweight": pack_int4(codes),
+                "scales": expand_groups(scales.t(), group, runtime_group, k),
+                "zeros": runtime_zeros,
+            },
+        )
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return torch.ops.pymllm_fx.w4a16_linear(
+            x, layer.qweight, layer.scales, layer.zeros, self._runtime_group(), bias
+        )
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"AWQ W4A16 {group} {'asym' if self.zero_point else 'sym'}"
+
+    @classmethod
+    def from_config(cls, config: dict) -> "AWQLinearMethod":
+        """From an HF ``quantization_config`` (``bits``, ``group_size``) or AutoAWQ's ``quant_config.json``
+        (``w_bit``, ``q_group_size``) dict."""
+        check_config_keys(
+            cls.name,
+            config,
+            ("bits", "w_bit", "group_size", "q_group_size", "zero_point", "version", "format", "desc_act",
+             "modules_to_not_convert") + IGNORED_KEYS,
+        )
+        if config.get("desc_act"):
+            raise ValueError("awq: desc_act=true does not apply to AWQ checkpoints (they have no g_idx); remove it")
+        return cls(
+            bits=int(_one_of(config, ("bits", "w_bit"), 4)),
+            group_size=int(_one_of(config, ("group_size", "q_group_size"), 128)),
+            zero_point=bool(config.get("zero_point", True)),
+            version=str(_one_of(config, ("version", "format"), "gemm")),
+            modules_to_not_convert=tuple(config.get("modules_to_not_convert") or ()),
+        )
+
+
+def _one_of(config: dict, keys: Tuple[str, str], default: Any) -> Any:
+    """The value under either of two synonymous keys; refuses the two when they disagree."""
+    found = {key: config[key] for key in keys if config.get(key) is not None}
+    normalized = {str(value).lower() if isinstance(value, str) else value for value in found.values()}
+    if len(normalized) > 1:
+        raise ValueError(f"awq: quantization_config has conflicting {' and '.join(f'{k}={v!r}' for k, v in found.items())}")
+    return next(iter(found.values()), default)

@@ -1,0 +1,485 @@
+"""``"compressed-tensors"``: load llm-compressor checkpoints (the ``compressed-tensors`` format).
+
+The ``quantization_config`` holds ``config_groups``, each a scheme (``weights`` and
+``input_activations`` arguments) applied to the layers its ``targets`` name, an ``ignore`` list of
+layers left in float, and the storage ``format`` (top level, or per group when "mixed-precision").
+One :class:`CompressedTensorsLinearMethod` serves the whole model: ``create_weights`` matches the
+layer's module path (``layer.prefix``) and class against the targets as compressed-tensors does
+(exact name first, then ``re:<regex>`` names, then class names, ``"Linear"`` naming every
+pymllm_fx linear layer; ``ignore`` wins over all) and hands the layer to that group's scheme, kept
+on the layer as ``layer.scheme``. Every later call goes to that scheme.
+
+Schemes and their checkpoint tensors (N = out features, K = in features):
+
+``pack-quantized`` int weights, 4 or 8 bits, activations left in float (``PackedIntLinearMethod``):
+
+- ``weight_packed`` int32 ``(N, ceil(K / f))``, ``f = 32 / bits`` values per word. The signed
+  value ``q`` (-8..7 or -128..127) is stored as ``q + 2**(bits-1)``; value j of word i is input
+  feature ``f*i + j`` at bits ``bits*j ..`` (``pack_to_int32`` in compressed-tensors'
+  ``compressors/quantized_compressors/pack_quantized.py``), the tail padded with zeros.
+- ``weight_scale`` ``(N, ceil(K / group_size))`` for strategy "group", ``(N, 1)`` for "channel".
+- ``weight_zero_point`` (asymmetric only) int32 ``(ceil(N / f), G)``: signed zero points offset
+  and packed the same way, but along the output dim.
+- ``weight_shape`` ``[N, K]``. The weight is ``(q - zero_point) * scale``.
+
+4-bit runs on ``w4a16_linear``: the runtime layout packs eight 4-bit codes per int32 in the same
+order, and its symmetric zero point 8 is the format's offset, so ``weight_packed`` becomes
+``qweight`` unchanged; asymmetric zero points become ``zero_point + 8``. A "channel" scale is
+repeated over groups of 128 (exact). 8-bit symmetric "channel" runs on ``w8a16_linear``.
+
+``float-quantized`` (or ``naive-quantized``) e4m3 weights with e4m3 activations: see
+``fp8_checkpoint.py`` (``weight``, ``weight_scale`` per tensor or channel, ``input_scale`` when
+static).
+
+Anything else (int8 activations, fp8 weight-only, block or tensor-group strategies, activation
+ordering by group, sparsity, transforms, kv-cache schemes) raises NotImplementedError naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups
+from pymllm_fx.layers.parameter import default_weight_loader, replace_parameters, set_weight_attrs
+from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
+from pymllm_fx.methods.common import check_config_keys
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, check_finite
+from pymllm_fx.methods.int4 import GROUP_SIZES
+
+# The w4a16 group size a "channel" scale is repeated over: exact, and a tile size the kernels have.
+CHANNEL_RUNTIME_GROUP = 128
+STRATEGIES = ("tensor", "channel", "group", "block", "token", "tensor_group", "attn_head")
+ARGS_KEYS = (
+    "num_bits", "type", "symmetric", "group_size", "strategy", "block_structure", "dynamic", "actorder",
+    "observer", "observer_kwargs", "scale_dtype", "zp_dtype",
+)
+GROUP_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
+TOP_KEYS = (
+    "config_groups", "format", "ignore", "kv_cache_scheme", "quantization_status", "global_compression_ratio",
+    "sparsity_config", "transform_config", "version", "run_compressed",
+)
+
+
+# --- the format's packing --------------------------------------------------------------------
+
+
+def unpack_from_int32(packed: torch.Tensor, bits: int, size: int, dim: int) -> torch.Tensor:
+    """Signed int32 values from words packed along ``dim`` (0 or 1), ``size`` of them along it."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+    words = packed if dim == 1 else packed.t()
+    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # masking undoes the sign extension
+    values = values.reshape(words.shape[0], words.shape[1] * per_word)[:, :size] - (1 << (bits - 1))
+    return values if dim == 1 else values.t()
+
+
+def exact_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` when that holds every value exactly (a bf16 model's own scales), else float32."""
+    narrow = t.to(dtype)
+    return narrow if torch.equal(narrow.float(), t.float()) else t.float()
+
+
+def _explained(loader, hint: str):
+    """Wrap a weight loader so that a shape error says what the shape means for this format."""
+
+    def load(param: torch.Tensor, loaded: torch.Tensor, *shard_id: Any) -> None:
+        try:
+            loader(param, loaded, *shard_id)
+        except ValueError as err:
+            raise ValueError(f"{err}; {hint}") from None
+
+    return load
+
+
+# --- pack-quantized int weights --------------------------------------------------------------
+
+
+@dataclass
+class PackedIntLinearMethod(LinearMethodBase):
+    """compressed-tensors ``pack-quantized`` weights (4 or 8 bits, group or channel); float activations."""
+
+    num_bits: int = 4
+    strategy: str = "group"
+    group_size: Optional[int] = 128  # None for "channel"
+    symmetric: bool = True
+
+    name = "compressed-tensors"
+
+    def __post_init__(self) -> None:
+        if self.num_bits not in (4, 8):
+            raise ValueError(
+                f"compressed-tensors: num_bits={self.num_bits} is not supported; pack-quantized weights load "
+                f"with 4 or 8 bits"
+            )
+        if self.strategy not in ("group", "channel"):
+            raise NotImplementedError(
+                f"compressed-tensors: int weight strategy {self.strategy!r} is not supported; "
+                f"use 'group' or 'channel'"
+            )
+        if self.strategy == "group" and self.group_size not in GROUP_SIZES:
+            raise ValueError(
+                f"compressed-tensors: group_size {self.group_size} is not supported; the w4a16 kernels take "
+                f"{', '.join(map(str, GROUP_SIZES))} (or strategy 'channel')"
+            )
+        if self.num_bits == 8 and (self.strategy != "channel" or not self.symmetric):
+            raise NotImplementedError(
+                "compressed-tensors: 8-bit weights load only as symmetric 'channel' (w8a16_linear has one "
+                f"symmetric scale per output row); this scheme is "
+                f"{'' if self.symmetric else 'asymmetric '}{self.strategy!r}"
+            )
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.num_bits
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        where = getattr(layer, "prefix", "") or "layer"
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        if self.num_bits == 4 and k % PACK_FACTOR:
+            raise ValueError(
+                f"{where}: 4-bit weights run on w4a16_linear, which packs {PACK_FACTOR} input features per int32, "
+                f"but in_features={k} is not a multiple of {PACK_FACTOR}; add this layer to skip"
+            )
+        groups = num_groups(k, self.group_size) if self.strategy == "group" else 1
+        loader = extra_weight_attrs.get("weight_loader", default_weight_loader)
+        bits = f"{self.num_bits}-bit"
+
+        def register(name: str, data: torch.Tensor, attrs: dict, hint: str) -> None:
+            param = torch.nn.Parameter(data, requires_grad=False)
+            set_weight_attrs(param, {**extra_weight_attrs, "weight_loader": _explained(loader, hint), **attrs})
+            layer.register_parameter(name, param)
+
+        register(
+            "weight_packed", torch.empty(n, -(-k // self.per_word), dtype=torch.int32),
+            dict(input_dim=1, output_dim=0, packed_dim=1, packed_factor=self.per_word),
+            f"{bits} weights pack {self.per_word} values per int32, so in_features={k} needs "
+            f"{-(-k // self.per_word)} columns: the checkpoint's num_bits differs from config_groups' num_bits",
+        )
+        scale_hint = (
+            f"group_size={self.group_size} gives {groups} scales per row for in_features={k}: the checkpoint "
+            f"was quantized with another group_size than config_groups says"
+            if self.strategy == "group" else "strategy 'channel' has one scale per output row, shape (N, 1)"
+        )
+        group_dim = dict(input_dim=1) if self.strategy == "group" else {}
+        register("weight_scale", torch.full((n, groups), float("nan")), dict(output_dim=0, **group_dim), scale_hint)
+        if not self.symmetric:
+            register(
+                "weight_zero_point", torch.empty(-(-n // self.per_word), groups, dtype=torch.int32),
+                dict(output_dim=0, packed_dim=0, packed_factor=self.per_word, **group_dim),
+                f"asymmetric zero points are packed {self.per_word} per int32 along the output dim, "
+                f"shape (ceil(N / {self.per_word}), groups); {scale_hint}",
+            )
+        shape = torch.nn.Parameter(torch.empty(2, dtype=torch.int64), requires_grad=False)
+        set_weight_attrs(shape, {"weight_loader": _weight_shape_loader(output_size, input_size)})
+        layer.register_parameter("weight_shape", shape)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        where = getattr(layer, "prefix", "") or "layer"
+        n, k = layer.weight_packed.shape[0], layer.input_size_per_partition
+        scales = layer.weight_scale.data
+        check_finite(where, "weight_scale", scales)
+        scales = exact_in(scales, getattr(layer, "params_dtype", scales.dtype))
+        remove = ("weight_packed", "weight_scale", "weight_shape")
+        if self.num_bits == 8:
+            codes = unpack_from_int32(layer.weight_packed.data, 8, k, dim=1).to(torch.int8)
+            replace_parameters(
+                layer, remove, {"qweight": codes.contiguous(), "scales": scales.reshape(n).contiguous()}
+            )
+            return
+        zeros = None
+        if not self.symmetric:
+            zero_points = unpack_from_int32(layer.weight_zero_point.data, 4, n, dim=0)
+            zeros = (zero_points + SYMMETRIC_ZERO).to(scales.dtype)
+            remove += ("weight_zero_point",)
+        if self.strategy == "channel":
+            # One scale per row is a run of equal per-group scales: exact.
+            repeat = num_groups(k, CHANNEL_RUNTIME_GROUP)
+            scales = scales.expand(n, repeat)
+            zeros = None if zeros is None else zeros.expand(n, repeat)
+        replace_parameters(
+            layer, remove,
+            {
+                # Same nibble order as the runtime layout, and the stored q + 8 is the runtime code.
+                "qweight": layer.weight_packed.data.contiguous(),
+                "scales": scales.contiguous(),
+                "zeros": None if zeros is None else zeros.contiguous(),
+            },
+        )
+
+    def _runtime_group(self) -> int:
+        return self.group_size if self.strategy == "group" else CHANNEL_RUNTIME_GROUP
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if self.num_bits == 8:
+            return torch.ops.pymllm_fx.w8a16_linear(x, layer.qweight, layer.scales, bias)
+        return torch.ops.pymllm_fx.w4a16_linear(
+            x, layer.qweight, layer.scales, layer.zeros, self._runtime_group(), bias
+        )
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        group = f"g{self.group_size}" if self.strategy == "group" else "per-channel"
+        return f"W{self.num_bits}A16 {group} {'sym' if self.symmetric else 'asym'}"
+
+
+def _weight_shape_loader(output_size: int, input_size: int):
+    """``weight_shape`` is not used at run time, but a mismatch means a wrong checkpoint: refuse it."""
+
+    def load(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        if loaded.dtype.is_floating_point or loaded.numel() != 2:
+            raise ValueError(
+                f"weight_shape must be two integers [out, in], found {loaded.dtype} of shape {tuple(loaded.shape)}"
+            )
+        found = [int(v) for v in loaded.reshape(2)]
+        # A shard of a merged layer has its own row count; only the input size is the layer's.
+        if found[1] != input_size or (shard_id is None and found[0] != output_size):
+            raise ValueError(
+                f"weight_shape says the checkpoint weight is {found}, but this layer is [out={output_size}, "
+                f"in={input_size}]; the checkpoint is for another model or layer"
+            )
+        with torch.no_grad():
+            param.copy_(loaded.reshape(2).to(param.dtype))
+
+    return load
+
+
+# --- the whole-model method ---------------------------------------------------------------------
+
+
+class _Unquantized(UnquantizedLinearMethod):
+    """A layer the config leaves in float: the checkpoint holds its plain ``weight``."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        return f"unquantized ({self.reason})"
+
+
+def _name_matches(path: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], path) is not None
+    return path == target
+
+
+def _class_matches(layer: torch.nn.Module, target: str) -> bool:
+    names = {cls.__name__ for cls in type(layer).__mro__}
+    return target in names or (target == "Linear" and "LinearBase" in names)
+
+
+@dataclass
+class CompressedTensorsLinearMethod(LinearMethodBase):
+    """Every layer of a compressed-tensors checkpoint, each with the scheme its config group gives it."""
+
+    # target -> (config group name, scheme), in the config's order; a target listed by two groups
+    # keeps its first position and the later group's scheme, as compressed-tensors does.
+    targets: Dict[str, Tuple[str, LinearMethodBase]] = field(default_factory=dict)
+    ignore: Tuple[str, ...] = ()
+
+    name = "compressed-tensors"
+    prequantized = True  # loads a checkpoint; quantize() without weights= is refused
+
+    def scheme_for(self, layer: torch.nn.Module) -> Tuple[str, LinearMethodBase]:
+        """``(config group name or "", scheme)`` for ``layer``, by its module path and class."""
+        path = getattr(layer, "prefix", "")
+        for entry in self.ignore:
+            if _name_matches(path, entry) or _class_matches(layer, entry):
+                return "", _Unquantized(f"compressed-tensors ignore {entry!r}")
+        exact = [t for t in self.targets if not t.startswith("re:") and path == t]
+        regex = [t for t in self.targets if t.startswith("re:") and _name_matches(path, t)]
+        by_class = [t for t in self.targets if _class_matches(layer, t)]
+        for target in exact + regex + by_class:
+            return self.targets[target]
+        return "", _Unquantized("no compressed-tensors config group targets it")
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        group, scheme = self.scheme_for(layer)
+        layer.scheme = scheme
+        layer.scheme_group = group
+        scheme.create_weights(
+            layer, input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype,
+            **extra_weight_attrs,
+        )
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        layer.scheme.process_weights_after_loading(layer)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return layer.scheme.apply(layer, x, bias)
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        text = layer.scheme.describe(layer)
+        return f"{layer.scheme_group}: {text}" if layer.scheme_group else text
+
+    @classmethod
+    def from_config(cls, config: dict) -> "CompressedTensorsLinearMethod":
+        check_config_keys(cls.name, config, TOP_KEYS)
+        if config.get("kv_cache_scheme") is not None:
+            raise NotImplementedError(
+                "compressed-tensors: kv_cache_scheme is not supported (its k/v scales have no home here); "
+                "use a checkpoint exported without kv-cache quantization"
+            )
+        sparsity = config.get("sparsity_config") or {}
+        if sparsity and sparsity.get("format", "dense") != "dense":
+            raise NotImplementedError(
+                f"compressed-tensors: sparsity format {sparsity.get('format')!r} is not supported"
+            )
+        if config.get("transform_config"):
+            raise NotImplementedError("compressed-tensors: transform_config (rotations) is not supported")
+        groups = config.get("config_groups")
+        if not isinstance(groups, dict) or not groups:
+            raise ValueError("compressed-tensors: quantization_config has no config_groups")
+        targets: Dict[str, Tuple[str, LinearMethodBase]] = {}
+        for group_name, group in groups.items():
+            scheme = _scheme_from_group(group_name, group, config.get("format"))
+            for target in group["targets"]:
+                targets[target] = (group_name, scheme)
+        ignore = config.get("ignore") or ()
+        if isinstance(ignore, str):
+            ignore = (ignore,)
+        return cls(targets=targets, ignore=tuple(ignore))
+
+
+# --- config parsing -------------------------------------------------------------------------------
+
+
+def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str]) -> LinearMethodBase:
+    where = f"compressed-tensors config_groups[{group_name!r}]"
+    if not isinstance(group, dict):
+        raise NotImplementedError(
+            f"{where} is {group!r}, a preset scheme name with its targets; write the scheme out in full "
+            f"(targets, weights, input_activations) as a saved checkpoint's config.json does"
+        )
+    unknown = sorted(set(group) - set(GROUP_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; accepted keys: {sorted(GROUP_KEYS)}")
+    targets = group.get("targets")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets) or not targets:
+        raise ValueError(
+            f"{where}: 'targets' must be a non-empty list of module names, 're:' patterns or class names"
+        )
+    if group.get("output_activations") is not None:
+        raise NotImplementedError(f"{where}: output_activations quantization is not supported")
+    fmt = group.get("format") or default_format
+    if fmt is None or fmt == "mixed-precision":
+        raise ValueError(f"{where}: no storage format; set 'format' on the group or at the top level")
+    if group.get("weights") is None:
+        raise NotImplementedError(f"{where}: activation-only quantization (no 'weights') is not supported")
+    weights = _parse_args(f"{where}.weights", group["weights"])
+    acts = group.get("input_activations")
+    acts = None if acts is None else _parse_args(f"{where}.input_activations", acts)
+
+    if weights["type"] == "int":
+        if fmt != "pack-quantized":
+            raise NotImplementedError(f"{where}: int weights load from format 'pack-quantized', not {fmt!r}")
+        if acts is not None:
+            raise NotImplementedError(
+                f"{where}: int weights with quantized input activations (W{weights['num_bits']}A{acts['num_bits']}) "
+                f"are not supported; only weight-only int schemes (W4A16, W8A16) run here"
+            )
+        if weights["actorder"] in ("group", "dynamic", True):
+            raise NotImplementedError(
+                f"{where}: actorder 'group' stores a column permutation (weight_g_idx) that the w4a16 layout "
+                f"cannot express; re-export without activation ordering or with actorder 'weight'"
+            )
+        if weights["dynamic"]:
+            raise NotImplementedError(f"{where}: dynamic weight quantization is not supported")
+        return PackedIntLinearMethod(
+            num_bits=weights["num_bits"], strategy=weights["strategy"],
+            group_size=int(weights["group_size"]) if weights["strategy"] == "group" else None,
+            symmetric=weights["symmetric"],
+        )
+
+    if fmt not in ("float-quantized", "naive-quantized"):
+        raise NotImplementedError(f"{where}: float weights load from format 'float-quantized', not {fmt!r}")
+    if weights["num_bits"] != 8 or not weights["symmetric"] or weights["dynamic"]:
+        raise NotImplementedError(f"{where}: float weights load only as static symmetric 8-bit (e4m3)")
+    if weights["strategy"] == "block":
+        raise NotImplementedError(
+            f"{where}: block-wise fp8 weight scales (block_structure {weights['block_structure']}) are not "
+            f"supported yet: each block has its own scale, which the per-channel fp8_linear op cannot hold "
+            f"exactly, and requantizing would change the weights"
+        )
+    if weights["strategy"] not in ("tensor", "channel"):
+        raise NotImplementedError(
+            f"{where}: fp8 weight strategy {weights['strategy']!r} is not supported; use 'tensor' or 'channel'"
+        )
+    if acts is None:
+        raise NotImplementedError(
+            f"{where}: fp8 weight-only (W8A16 fp8) needs an op that keeps activations in float, which does "
+            f"not exist yet; only W8A8 fp8 (input_activations of type float) loads"
+        )
+    if acts["type"] != "float" or acts["num_bits"] != 8 or not acts["symmetric"]:
+        raise NotImplementedError(f"{where}: fp8 weights need symmetric 8-bit float input_activations")
+    if acts["dynamic"] and acts["strategy"] in ("token", "tensor"):
+        scheme, strategy = "dynamic", acts["strategy"]
+    elif not acts["dynamic"] and acts["strategy"] == "tensor":
+        scheme, strategy = "static", "tensor"
+    else:
+        raise NotImplementedError(
+            f"{where}: input_activations strategy {acts['strategy']!r} (dynamic={acts['dynamic']}) is not "
+            f"supported; use dynamic 'token' or 'tensor', or static 'tensor'"
+        )
+    return Fp8CheckpointLinearMethod(
+        activation_scheme=scheme, activation_strategy=strategy, weight_strategy=weights["strategy"]
+    )
+
+
+def _parse_args(where: str, args: Any) -> Dict[str, Any]:
+    """compressed-tensors ``QuantizationArgs`` with their defaults filled and the strategy inferred."""
+    if not isinstance(args, dict):
+        raise ValueError(f"{where} must be a dict of quantization arguments, got {args!r}")
+    unknown = sorted(set(args) - set(ARGS_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; accepted keys: {sorted(ARGS_KEYS)}")
+    out = {
+        "num_bits": int(args.get("num_bits", 8)),
+        "type": str(args.get("type", "int")).lower(),
+        "symmetric": bool(args.get("symmetric", True)),
+        "group_size": args.get("group_size"),
+        "strategy": args.get("strategy"),
+        "block_structure": args.get("block_structure"),
+        "dynamic": args.get("dynamic", False),
+        "actorder": args.get("actorder"),
+    }
+    if out["type"] not in ("int", "float"):
+        raise ValueError(f"{where}: type {out['type']!r} is not 'int' or 'float'")
+    group_size = out["group_size"]
+    if out["strategy"] is None:  # inferred from group_size, as compressed-tensors does
+        out["strategy"] = "tensor" if group_size is None else "channel" if group_size == -1 else "group"
+    out["strategy"] = str(out["strategy"]).lower()
+    if out["strategy"] not in STRATEGIES:
+        raise ValueError(
+            f"{where}: unknown strategy {out['strategy']!r}; compressed-tensors strategies are "
+            f"{', '.join(STRATEGIES)}"
+        )
+    if out["strategy"] == "group" and (group_size is None or int(group_size) <= 0):
+        raise ValueError(f"{where}: strategy 'group' needs a positive group_size, got {group_size!r}")
+    if isinstance(out["actorder"], str):
+        out["actorder"] = out["actorder"].lower()
+    return out

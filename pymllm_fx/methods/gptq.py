@@ -1,0 +1,295 @@
+"""``"gptq"``: load GPTQ checkpoints (AutoGPTQ / GPTQModel; 4- or 8-bit) into W4A16 or W8A16.
+
+Checkpoint layout (K = in features, N = out features, b = bits, f = 32 // b values per int32,
+G = ceil(K / group_size) groups, or 1 when ``group_size`` is -1):
+
+- ``qweight`` int32 ``(K // f, N)``: packed along K, low bits first: bits ``b*j .. b*j+b-1`` of
+  word ``[r, n]`` are the code of input feature ``f*r + j`` for output feature n.
+- ``qzeros`` int32 ``(G, N // f)``: packed along N the same way (value j of word c is column
+  ``f*c + j``). ``checkpoint_format`` "gptq" (v1) stores every zero point minus one, and the
+  subtraction was applied to the whole packed word (GPTQModel subtracts 0x11111111 for 4 bits,
+  0x01010101 for 8); "gptq_v2" stores the zero points as they are.
+- ``scales`` ``(G, N)``; ``g_idx`` int32 ``(K,)``: the group of each input feature.
+- The weight is ``W[n, k] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]``.
+
+With act-order (``desc_act``) ``g_idx`` is not sorted: the W4A16 kernel needs each group's inputs
+side by side, so at load the K dimension is permuted to sort ``g_idx`` (``perm``, kept as a
+buffer) and ``apply`` permutes the activations the same way: ``x[..., perm] @ W[:, perm].T`` is
+``x @ W.T``. 4-bit runs ``torch.ops.pymllm_fx.w4a16_linear``; 8-bit symmetric with one group per
+row runs ``torch.ops.pymllm_fx.w8a16_linear`` (codes ``q - 128``, one scale per output row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+
+from pymllm_fx.kernels.w4a16 import num_groups, pack_int4
+from pymllm_fx.layers.parameter import replace_parameters, set_weight_attrs
+from pymllm_fx.layers.quantize_base import LinearMethodBase
+from pymllm_fx.methods.common import check_config_keys
+
+FORMATS = ("gptq", "gptq_v2")
+# Added to each packed qzeros word of a "gptq" (v1) checkpoint: one per packed value, carries
+# included, which exactly undoes GPTQModel's v2 -> v1 subtraction.
+V1_ZERO_OFFSET = {4: 0x11111111, 8: 0x01010101}
+# The runtime group size used when the checkpoint's groups are larger (or one group per row): a
+# large group is a run of 128-wide runtime groups sharing one scale and zero, which is exact.
+RUNTIME_GROUP = 128
+# Calibration-time settings of AutoGPTQ / GPTQModel / transformers GPTQConfig: they do not change
+# what the stored tensors mean.
+IGNORED_KEYS = (
+    "damp_percent", "damp_auto_increment", "static_groups", "true_sequential", "mse", "model_name_or_path",
+    "model_file_base_name", "tokenizer", "dataset", "use_cuda_fp16", "model_seqlen", "block_name_to_quantize",
+    "module_name_preceding_first_block", "batch_size", "pad_token_id", "use_exllama", "max_input_length",
+    "exllama_config", "cache_block_outputs", "modules_in_block_to_quantize", "meta", "backend", "lm_head",
+    "modules_to_not_convert", "v2", "v2_alpha", "is_marlin_format", "pack_dtype", "dynamic", "act_group_aware",
+)
+
+
+def supported_group_size(group_size: int) -> bool:
+    """32 and 64 run as they are; -1 (one group per row) and multiples of 128 run as groups of 128."""
+    return group_size in (-1, 32, 64) or (group_size > 0 and group_size % RUNTIME_GROUP == 0)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``(R, C)`` packed along R -> int32 codes ``(R * 32 // bits, C)``, low bits first."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+    values = (packed.unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)  # (R, f, C)
+    return values.reshape(packed.shape[0] * per_word, packed.shape[1])
+
+
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``(R, C)`` packed along C -> int32 codes ``(R, C * 32 // bits)``, low bits first."""
+    return unpack_rows(packed.t(), bits).t()
+
+
+def expand_groups(t: torch.Tensor, group_size: int, runtime_group: int, k: int) -> torch.Tensor:
+    """``(N, G)`` per checkpoint group -> ``(N, ceil(K / runtime_group))`` per runtime group."""
+    if runtime_group == group_size:
+        return t.contiguous()
+    starts = torch.arange(num_groups(k, runtime_group), device=t.device) * runtime_group
+    return t.index_select(1, starts // group_size).contiguous()
+
+
+@dataclass
+class GPTQLinearMethod(LinearMethodBase):
+    """GPTQ 4-bit (W4A16) or 8-bit per-channel symmetric (W8A16) weights; activations stay float."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    checkpoint_format: str = "gptq"
+
+    name = "gptq"
+    # Loads an already-quantized checkpoint: there is no float weight to calibrate from, so
+    # quantize() needs weights=<checkpoint path>.
+    prequantized = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"gptq: bits={self.bits} is not supported; use a 4-bit or 8-bit GPTQ checkpoint")
+        if not supported_group_size(self.group_size):
+            raise ValueError(
+                f"gptq: group_size {self.group_size} is not supported; use 32, 64, a multiple of 128, or -1 "
+                f"(one group per output row)"
+            )
+        self.checkpoint_format = str(self.checkpoint_format).lower()
+        if self.checkpoint_format not in FORMATS:
+            raise ValueError(
+                f"gptq: checkpoint_format {self.checkpoint_format!r} is not supported; use one of {FORMATS} "
+                f"(other GPTQ formats, such as marlin, repack the weights differently)"
+            )
+
+    @property
+    def pack_factor(self) -> int:
+        return 32 // self.bits
+
+    def _group(self, k: int) -> int:
+        """The checkpoint's group size for a layer with ``k`` input features."""
+        return k if self.group_size == -1 else self.group_size
+
+    def _runtime_group(self) -> int:
+        return self.group_size if self.group_size in (32, 64) else RUNTIME_GROUP
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        where = getattr(layer, "prefix", "") or "layer"
+        k, n, f = input_size_per_partition, sum(output_partition_sizes), self.pack_factor
+        groups = num_groups(k, self._group(k))
+        partitioned = input_size != input_size_per_partition
+        if self.bits == 8 and groups > 1:
+            raise NotImplementedError(
+                f"{where}: 8-bit grouped GPTQ (group_size={self.group_size}, {groups} groups over {k} inputs) is "
+                f"not supported yet; only 8-bit with one group per output row (group_size=-1) runs, as W8A16. "
+                f"Skip this layer or use a 4-bit checkpoint"
+            )
+        if self.bits == 8 and not self.sym:
+            raise NotImplementedError(
+                f"{where}: 8-bit asymmetric GPTQ (sym=false) is not supported yet: the W8A16 kernel has no zero "
+                f"points. Skip this layer or use a symmetric or 4-bit checkpoint"
+            )
+        if k % f:
+            raise ValueError(
+                f"{where}: gptq {self.bits}-bit packs {f} input features per int32, but in_features={k} is not a "
+                f"multiple of {f}; skip this layer"
+            )
+        for size in output_partition_sizes:
+            if size % f:
+                raise ValueError(
+                    f"{where}: gptq {self.bits}-bit packs {f} zero points per int32 along the outputs, but "
+                    f"out_features={size} is not a multiple of {f}; skip this layer"
+                )
+        if partitioned and self.group_size != -1 and k % self.group_size:
+            raise ValueError(
+                f"{where}: the tensor-parallel input slice of {k} features is not a whole number of groups of "
+                f"{self.group_size}; use a smaller tensor-parallel size"
+            )
+        if partitioned and self.desc_act:
+            raise NotImplementedError(
+                f"{where}: act-order (desc_act) GPTQ with the inputs split across tensor-parallel ranks is not "
+                f"supported yet; run this layer unsplit (tp_size=1)"
+            )
+        # One group per row is the same on every tensor-parallel rank: no input_dim to split along.
+        group_input_dim = None if self.group_size == -1 else 0
+
+        def register(name: str, shape: tuple, dtype: torch.dtype, attrs: dict) -> None:
+            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(param, {key: value for key, value in attrs.items() if value is not None})
+            set_weight_attrs(param, extra_weight_attrs)
+            layer.register_parameter(name, param)
+
+        register("qweight", (k // f, n), torch.int32, dict(input_dim=0, output_dim=1, packed_dim=0, packed_factor=f))
+        register("qzeros", (groups, n // f), torch.int32,
+                 dict(input_dim=group_input_dim, output_dim=1, packed_dim=1, packed_factor=f))
+        register("scales", (groups, n), params_dtype, dict(input_dim=group_input_dim, output_dim=1))
+        register("g_idx", (k,), torch.int32, dict(input_dim=0))
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # Everything is computed and checked first; the layer changes only at the end.
+        where = getattr(layer, "prefix", "") or "layer"
+        bits, scales = self.bits, layer.scales.data
+        k = layer.g_idx.shape[0]
+        group = self._group(k)
+        stored_groups = scales.shape[0]
+        if not torch.isfinite(scales).all():
+            bad = (~torch.isfinite(scales)).nonzero()[0].tolist()
+            raise ValueError(
+                f"{where}: tensor 'scales' holds NaN or Inf (first at [group, out] = {bad}); the checkpoint "
+                f"is corrupt or was not saved from a finished GPTQ run"
+            )
+
+        # g_idx: which group each input feature belongs to. On a tensor-parallel rank it counts groups
+        # of the whole layer, so this rank's first group is subtracted.
+        g_idx = layer.g_idx.data.long()
+        if self.group_size != -1 and input_is_split(layer):
+            g_idx = g_idx - layer.tp_rank * stored_groups
+        if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= stored_groups):
+            raise ValueError(
+                f"{where}: tensor 'g_idx' has group indices in [{int(g_idx.min())}, {int(g_idx.max())}] but the "
+                f"layer has {stored_groups} groups (valid range [0, {stored_groups})); the checkpoint's g_idx "
+                f"does not match its scales, or group_size={self.group_size} is not the one it was made with"
+            )
+        perm = torch.sort(g_idx, stable=True).indices
+        expected = torch.arange(k, device=g_idx.device) // group
+        if not torch.equal(g_idx[perm], expected):
+            raise ValueError(
+                f"{where}: tensor 'g_idx' does not split the {k} inputs into groups of {group} (group sizes "
+                f"{torch.bincount(g_idx, minlength=stored_groups).tolist()[:8]}...); the W4A16 layout needs "
+                f"equal groups: check group_size={self.group_size} against the checkpoint"
+            )
+        if torch.equal(perm, torch.arange(k, device=perm.device)):
+            perm = None  # groups already in order (no act-order, or static groups)
+        else:
+            perm = perm.to(torch.int32)
+
+        codes = unpack_rows(layer.qweight.data, bits)  # (K, N)
+        qzeros = layer.qzeros.data
+        if self.checkpoint_format == "gptq":
+            words = (qzeros.long() + V1_ZERO_OFFSET[bits]) & 0xFFFFFFFF
+            qzeros = (words - ((words >> 31) << 32)).to(torch.int32)
+        zeros = unpack_cols(qzeros, bits).t()  # (N, G)
+        if perm is not None:
+            codes = codes.index_select(0, perm)
+        codes = codes.t()  # (N, K) in runtime (sorted-group) order
+
+        mid = 1 << (bits - 1)  # the symmetric zero point: 8 for 4 bits, 128 for 8 bits
+        if self.sym and not bool((zeros == mid).all()):
+            other = "gptq_v2" if self.checkpoint_format == "gptq" else "gptq"
+            raise ValueError(
+                f"{where}: quantization_config has sym=true, but tensor 'qzeros' decodes (as "
+                f"checkpoint_format={self.checkpoint_format!r}) to zero points other than {mid}; the checkpoint "
+                f"is probably checkpoint_format={other!r}, or sym should be false"
+            )
+        if bits == 8:
+            runtime = {
+                "qweight": (codes - mid).to(torch.int8).contiguous(),
+                "scales": scales[0].contiguous(),
+            }
+        else:
+            runtime_group = self._runtime_group()
+            runtime = {
+                "qweight": pack_int4(codes),
+                "scales": expand_groups(scales.t(), group, runtime_group, k),
+                "zeros": None if self.sym else expand_groups(zeros.to(scales.dtype), group, runtime_group, k),
+            }
+        replace_parameters(layer, ("qweight", "qzeros", "scales", "g_idx"), runtime)
+        layer.register_buffer("perm", perm)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if layer.perm is not None:
+            x = x.index_select(-1, layer.perm)
+        if self.bits == 8:
+            return torch.ops.pymllm_fx.w8a16_linear(x, layer.qweight, layer.scales, bias)
+        return torch.ops.pymllm_fx.w4a16_linear(
+            x, layer.qweight, layer.scales, layer.zeros, self._runtime_group(), bias
+        )
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        if self.bits == 8:
+            return "GPTQ W8A16 per-channel sym"
+        group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        text = f"GPTQ W4A16 {group} {'sym' if self.sym else 'asym'}"
+        return text + (" act-order" if getattr(layer, "perm", None) is not None else "")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "GPTQLinearMethod":
+        """From an HF ``quantization_config`` or AutoGPTQ / GPTQModel ``quantize_config.json`` dict."""
+        check_config_keys(
+            cls.name, config, ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "format") + IGNORED_KEYS
+        )
+        if config.get("is_marlin_format"):
+            raise ValueError("gptq: is_marlin_format=true checkpoints use the Marlin layout, which is not supported")
+        if config.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
+            raise ValueError(f"gptq: pack_dtype {config['pack_dtype']!r} is not supported; only int32-packed checkpoints load")
+        if config.get("dynamic"):
+            raise ValueError("gptq: per-module 'dynamic' overrides are not supported yet")
+        formats = {str(config[key]).lower() for key in ("checkpoint_format", "format") if config.get(key) is not None}
+        if len(formats) > 1:
+            raise ValueError(f"gptq: quantization_config has conflicting checkpoint_format and format: {sorted(formats)}")
+        return cls(
+            bits=int(config.get("bits", 4)),
+            group_size=int(config.get("group_size", 128)),
+            sym=bool(config.get("sym", True)),
+            desc_act=bool(config.get("desc_act", False)),
+            checkpoint_format=str(next(iter(formats), "gptq")),
+        )
+
+
+def input_is_split(layer: torch.nn.Module) -> bool:
+    """Whether this layer holds one tensor-parallel slice of the inputs (a RowParallelLinear, tp > 1)."""
+    return getattr(layer, "input_size", None) != getattr(layer, "input_size_per_partition", None)

@@ -1,0 +1,456 @@
+"""compressed-tensors checkpoints: golden tensors packed here by the format's own definition.
+
+``ct_pack`` re-implements ``pack_to_int32`` from compressed-tensors'
+``compressors/quantized_compressors/pack_quantized.py`` (signed value + 2**(bits-1), value j of a
+word at bits ``bits*j``, tail padded with zeros; zero points packed along the output dim), written
+as the original loop rather than the method's vectorized unpacking.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+import pymllm_fx
+from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE
+from pymllm_fx.kernels.w4a16 import dequantize_int4
+from pymllm_fx.layers.linear import ReplicatedLinear
+from pymllm_fx.loading import CheckpointError
+from pymllm_fx.methods.compressed_tensors import CompressedTensorsLinearMethod, PackedIntLinearMethod
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def seed(*args) -> None:
+    torch.manual_seed(zlib.crc32(repr(args).encode()))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def ct_pack(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Signed integers ``(R, C)`` -> int32 words, packed along ``dim`` as compressed-tensors does."""
+    per_word = 32 // bits
+    unsigned = values.to(torch.int64) + (1 << (bits - 1))
+    assert int(unsigned.min()) >= 0 and int(unsigned.max()) < (1 << bits)
+    if dim == 0:
+        unsigned = unsigned.t()
+    rows, cols = unsigned.shape
+    padded = -(-cols // per_word) * per_word
+    unsigned = F.pad(unsigned, (0, padded - cols))
+    words = torch.zeros(rows, padded // per_word, dtype=torch.int64)
+    for j in range(per_word):
+        words |= unsigned[:, j::per_word] << (bits * j)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the uint32 bits as int32
+    return words if dim == 1 else words.t().contiguous()
+
+
+def int_config(bits=4, strategy="group", group_size=128, symmetric=True, targets=("Linear",), ignore=(), **extra):
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+               "group_size": group_size if strategy == "group" else None, "dynamic": False, "actorder": None,
+               "observer": "minmax", "observer_kwargs": {}, **extra}
+    return {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": list(targets), "weights": weights, "input_activations": None,
+                                      "output_activations": None}},
+        "ignore": list(ignore), "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+        "global_compression_ratio": None, "version": "0.11.0",
+    }
+
+
+def fp8_config(weight_strategy="channel", act_strategy="token", dynamic=True, targets=("Linear",), ignore=()):
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": weight_strategy, "dynamic": False}
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": act_strategy, "dynamic": dynamic}
+    return {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": list(targets), "weights": weights, "input_activations": acts}},
+        "ignore": list(ignore),
+    }
+
+
+def make_int(n, k, bits, strategy, group_size, symmetric, dtype):
+    """Checkpoint tensors of one layer, and its reference weight in float64."""
+    half = 1 << (bits - 1)
+    q = torch.randint(-half, half, (n, k))
+    groups = -(-k // group_size) if strategy == "group" else 1
+    scale = (torch.rand(n, groups) * 0.05 + 0.01).to(dtype)
+    zp = torch.zeros(n, groups, dtype=torch.long) if symmetric else torch.randint(-half, half, (n, groups))
+    column_group = torch.arange(k) // group_size if strategy == "group" else torch.zeros(k, dtype=torch.long)
+    ref = (q - zp[:, column_group]).double() * scale.double()[:, column_group]
+    tensors = {"weight_packed": ct_pack(q, bits), "weight_scale": scale, "weight_shape": torch.tensor([n, k])}
+    if not symmetric:
+        tensors["weight_zero_point"] = ct_pack(zp, bits, dim=0)
+    return tensors, ref
+
+
+def load_layer(method, k, n, tensors, bias=None, dtype=torch.float32, prefix="model.layers.0.mlp.down_proj"):
+    """create_weights, each tensor through its parameter's weight_loader, then post-processing."""
+    layer = ReplicatedLinear(k, n, bias=bias is not None, params_dtype=dtype, quant_method=method, prefix=prefix)
+    for name, tensor in tensors.items():
+        param = getattr(layer, name)
+        param.weight_loader(param, tensor)
+    if bias is not None:
+        layer.bias.weight_loader(layer.bias, bias)
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+def runtime_weight(layer) -> torch.Tensor:
+    """What the layer's runtime parameters encode, in float64."""
+    scheme = layer.scheme
+    if scheme.num_bits == 8:
+        return layer.qweight.double() * layer.scales.double()[:, None]
+    zeros = None if layer.zeros is None else layer.zeros.double()
+    return dequantize_int4(layer.qweight, layer.scales.double(), zeros, scheme._runtime_group())
+
+
+# --- golden words --------------------------------------------------------------------------------
+
+
+def test_pack_golden_words():
+    """The packer against values worked out by hand from the format's definition and docstring."""
+    assert ct_pack(torch.tensor([[1, 2]]), 8).tolist() == [[33409]]  # pack_to_int32's own docstring example
+    assert ct_pack(torch.arange(-8, 0)[None], 4).tolist() == [[0x76543210]]
+    assert ct_pack(torch.arange(-8, 0)[:, None], 4, dim=0).tolist() == [[0x76543210]]
+    assert ct_pack(torch.full((1, 8), 7), 4).tolist() == [[-1]]  # all nibbles 15: 0xFFFFFFFF
+
+
+def test_int4_single_word_through_the_method():
+    q = torch.tensor([[-8, -7, -6, -5, -4, -3, -2, -1], [7, 6, 5, 4, 3, 2, 1, 0]])
+    tensors = {"weight_packed": ct_pack(q, 4), "weight_scale": torch.ones(2, 1), "weight_shape": torch.tensor([2, 8])}
+    layer = load_layer(CompressedTensorsLinearMethod.from_config(int_config(strategy="group", group_size=32)), 8, 2, tensors)
+    assert layer.qweight.tolist() == [[0x76543210], [0x89ABCDEF - 2**32]]
+    assert torch.equal(runtime_weight(layer), q.double())
+
+
+def test_int8_docstring_example_through_the_method():
+    tensors = {"weight_packed": torch.tensor([[33409]], dtype=torch.int32), "weight_scale": torch.tensor([[0.5]]),
+               "weight_shape": torch.tensor([1, 2])}
+    layer = load_layer(CompressedTensorsLinearMethod.from_config(int_config(bits=8, strategy="channel")), 2, 1, tensors)
+    assert layer.qweight.tolist() == [[1, 2]] and layer.qweight.dtype == torch.int8
+    assert torch.equal(runtime_weight(layer), torch.tensor([[0.5, 1.0]], dtype=torch.float64))
+
+
+# --- int schemes, exact ---------------------------------------------------------------------------
+
+INT_SCHEMES = [
+    pytest.param(4, "group", 32, True, id="int4-g32-sym"),
+    pytest.param(4, "group", 32, False, id="int4-g32-asym"),
+    pytest.param(4, "group", 64, True, id="int4-g64-sym"),
+    pytest.param(4, "group", 128, True, id="int4-g128-sym"),
+    pytest.param(4, "group", 128, False, id="int4-g128-asym"),
+    pytest.param(4, "channel", None, True, id="int4-channel-sym"),
+    pytest.param(4, "channel", None, False, id="int4-channel-asym"),
+    pytest.param(8, "channel", None, True, id="int8-channel-sym"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bits, strategy, group_size, symmetric", INT_SCHEMES)
+def test_int_schemes_load_exactly(bits, strategy, group_size, symmetric, dtype):
+    # k=384: 3 groups of 128; channel layers use k=200 (not a multiple of 128: a runtime tail group).
+    # n=36 is not a multiple of 8, so the packed zero points carry padding rows.
+    k = 200 if strategy == "channel" else 384
+    n = 36
+    seed(bits, strategy, group_size, symmetric, dtype)
+    tensors, ref = make_int(n, k, bits, strategy, group_size, symmetric, dtype)
+    bias = torch.randn(n).to(dtype)
+    method = CompressedTensorsLinearMethod.from_config(int_config(bits, strategy, group_size, symmetric))
+    layer = load_layer(method, k, n, tensors, bias, dtype)
+
+    assert torch.equal(runtime_weight(layer), ref)
+    assert not any(hasattr(layer, name) for name in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"))
+    x = torch.randn(3, k).to(dtype)
+    expected = F.linear(x.double(), ref, bias.double())
+    assert rel_err(layer(x), expected) <= TOL[dtype]
+    assert layer.scales.dtype == dtype  # the checkpoint's bf16/fp32 scales fit the layer's dtype exactly
+
+
+def test_float32_scales_stay_float32_in_a_bf16_layer():
+    """Random float32 scales that bfloat16 cannot hold are kept in float32 rather than rounded."""
+    seed("fp32-scales")
+    tensors, ref = make_int(16, 64, 4, "group", 32, True, torch.float32)
+    layer = load_layer(CompressedTensorsLinearMethod.from_config(int_config(group_size=32)), 64, 16, tensors, dtype=torch.bfloat16)
+    assert layer.scales.dtype == torch.float32
+    assert torch.equal(runtime_weight(layer), ref)
+
+
+# --- fp8 schemes ----------------------------------------------------------------------------------
+
+
+def fp8_reference(x, w_fp8, w_scale_rows, act, input_scale=None, bias=None):
+    """The W8A8 product computed here from the definitions: e4m3 activations times e4m3 weights."""
+    xf = x.float()
+    if act == "token":
+        s = (xf.abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1e-12)
+    elif act == "tensor":
+        s = (xf.abs().amax() / 448.0).clamp(min=1e-12)
+    else:
+        s = input_scale.float().reshape(())
+    xq = (xf / s).clamp(-448, 448).to(FP8_DTYPE).double()
+    out = xq @ w_fp8.double().t() * s.double() * w_scale_rows.double()
+    return out if bias is None else out + bias.double()
+
+
+def make_fp8(n, k, weight_strategy, dtype):
+    w = (torch.randn(n, k) * 64).clamp(-448, 448).to(FP8_DTYPE)
+    if weight_strategy == "tensor":
+        scale = torch.tensor([0.0123])
+        rows = scale.expand(n)
+    else:
+        scale = (torch.rand(n, 1) * 0.02 + 0.001).to(dtype)
+        rows = scale.float().reshape(n)
+    return {"weight": w, "weight_scale": scale}, rows
+
+
+FP8_ACTS = [
+    pytest.param("token", True, id="dynamic-token"),
+    pytest.param("tensor", True, id="dynamic-tensor"),
+    pytest.param("tensor", False, id="static-tensor"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act_strategy, dynamic", FP8_ACTS)
+@pytest.mark.parametrize("weight_strategy", ["tensor", "channel"])
+def test_fp8_schemes(weight_strategy, act_strategy, dynamic, dtype):
+    n, k = 40, 96
+    seed(weight_strategy, act_strategy, dynamic, dtype)
+    tensors, rows = make_fp8(n, k, weight_strategy, dtype)
+    if not dynamic:
+        tensors["input_scale"] = torch.tensor([0.01])
+    bias = torch.randn(n).to(dtype)
+    method = CompressedTensorsLinearMethod.from_config(fp8_config(weight_strategy, act_strategy, dynamic))
+    layer = load_layer(method, k, n, tensors, bias, dtype)
+    assert isinstance(layer.scheme, Fp8CheckpointLinearMethod)
+    # The e4m3 values are untouched; the scale became one float32 per row, exactly.
+    assert torch.equal(layer.weight.view(torch.uint8), tensors["weight"].view(torch.uint8))
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, rows.float())
+
+    x = torch.randn(5, k).to(dtype) * 3
+    act = act_strategy if dynamic else "static"
+    expected = fp8_reference(x, tensors["weight"], rows, act, tensors.get("input_scale"), bias)
+    assert rel_err(layer(x), expected) <= TOL[dtype]
+    if act != "token":  # a per-tensor scale gives other fp8 values than per-token scales
+        assert rel_err(fp8_reference(x, tensors["weight"], rows, "token", None, bias), expected) > 1e-4
+
+
+def test_static_input_scale_clamps():
+    """Activations beyond 448 * input_scale saturate, as static quantization defines."""
+    tensors, rows = make_fp8(8, 16, "tensor", torch.float32)
+    tensors["input_scale"] = torch.tensor([0.001])  # representable range +-0.448
+    layer = load_layer(CompressedTensorsLinearMethod.from_config(fp8_config("tensor", "tensor", False)), 16, 8, tensors)
+    x = torch.randn(2, 16) * 10
+    assert rel_err(layer(x), fp8_reference(x.clamp(-0.448, 0.448), tensors["weight"], rows, "static", tensors["input_scale"])) <= 1e-6
+
+
+# --- which scheme a layer gets --------------------------------------------------------------------
+
+
+def mixed_config():
+    int4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    int4_channel = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"}
+    fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+    fp8_act = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+    return {
+        "quant_method": "compressed-tensors", "format": "mixed-precision",
+        "config_groups": {
+            "down": {"targets": ["re:.*mlp\\.down_proj$"], "weights": int4, "format": "pack-quantized"},
+            "all": {"targets": ["Linear"], "weights": fp8, "input_activations": fp8_act, "format": "float-quantized"},
+            "q0": {"targets": ["model.layers.0.self_attn.q_proj"], "weights": int4_channel, "format": "pack-quantized"},
+        },
+        "ignore": ["lm_head", "re:.*layers\\.1\\.mlp\\..*"],
+    }
+
+
+@pytest.mark.parametrize(
+    "prefix, group, kind",
+    [
+        ("model.layers.0.mlp.down_proj", "down", "W4A16 g32 sym"),  # a regex beats the class name
+        ("model.layers.0.self_attn.q_proj", "q0", "W4A16 per-channel asym"),  # an exact name beats both
+        ("model.layers.0.self_attn.k_proj", "all", "W8A8 e4m3"),  # only the class name matches
+        ("model.layers.1.mlp.down_proj", "", "unquantized (compressed-tensors ignore"),  # ignore wins
+        ("model.layers.1.self_attn.k_proj", "all", "W8A8 e4m3"),
+        ("lm_head", "", "unquantized (compressed-tensors ignore 'lm_head')"),
+    ],
+)
+def test_scheme_by_target_and_ignore(prefix, group, kind):
+    method = CompressedTensorsLinearMethod.from_config(mixed_config())
+    layer = ReplicatedLinear(64, 32, bias=False, quant_method=method, prefix=prefix)
+    assert layer.scheme_group == group
+    assert kind in method.describe(layer)
+    if group == "":
+        assert layer.weight.dtype == torch.float32 and set(dict(layer.named_parameters())) == {"weight"}
+
+
+def test_layer_no_group_targets_stays_float():
+    method = CompressedTensorsLinearMethod.from_config(int_config(targets=["re:.*down_proj"]))
+    layer = ReplicatedLinear(64, 32, quant_method=method, prefix="model.layers.0.self_attn.q_proj")
+    assert method.describe(layer) == "unquantized (no compressed-tensors config group targets it)"
+    w, b = torch.randn(32, 64), torch.randn(32)
+    layer.weight.weight_loader(layer.weight, w)
+    layer.bias.weight_loader(layer.bias, b)
+    method.process_weights_after_loading(layer)
+    x = torch.randn(2, 64)
+    assert torch.equal(layer(x), F.linear(x, w, b))
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 96)
+        self.down = nn.Linear(96, 40, bias=False)
+        self.head = nn.Linear(40, 24)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.down(F.gelu(self.up(x)))))
+
+
+def test_quantize_tiny_model_from_safetensors(tmp_path):
+    """quantize(model, method, weights=dir): int4 asym group, fp8 static channel, an ignored layer."""
+    seed("tiny")
+    int4 = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}
+    fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+    fp8_static = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
+    config = {
+        "quant_method": "compressed-tensors", "format": "mixed-precision",
+        "config_groups": {
+            "group_0": {"targets": ["re:^up$"], "weights": int4, "format": "pack-quantized"},
+            "group_1": {"targets": ["Linear"], "weights": fp8, "input_activations": fp8_static, "format": "float-quantized"},
+        },
+        "ignore": ["head"],
+    }
+    up, up_ref = make_int(96, 64, 4, "group", 32, False, torch.float32)
+    down, down_rows = make_fp8(40, 96, "channel", torch.float32)
+    down["input_scale"] = torch.tensor([0.02])
+    head_w, head_b, up_b = torch.randn(24, 40), torch.randn(24), torch.randn(96)
+    state = {f"up.{k}": v for k, v in up.items()} | {f"down.{k}": v for k, v in down.items()}
+    state |= {"up.bias": up_b, "head.weight": head_w, "head.bias": head_b}
+    save_file(state, str(tmp_path / "model.safetensors"))
+
+    model = Tiny()
+    method = CompressedTensorsLinearMethod.from_config(config)
+    pymllm_fx.quantize(model, method, weights=tmp_path, progress=False, example_inputs=(torch.randn(1, 64),))
+    assert [model.up.scheme_group, model.down.scheme_group, model.head.scheme_group] == ["group_0", "group_1", ""]
+
+    x = torch.randn(4, 64)
+    h = F.gelu(F.linear(x.double(), up_ref, up_b.double())).float()
+    h = F.gelu(fp8_reference(h, down["weight"], down_rows, "static", down["input_scale"])).float()
+    expected = F.linear(h, head_w, head_b)
+    assert rel_err(model(x), expected) <= 1e-5
+    # The per-layer scheme dispatch traces into one graph.
+    assert rel_err(torch.compile(model, fullgraph=True, backend="eager")(x), model(x)) <= 1e-6
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+def test_wrong_group_size_for_the_checkpoint(tmp_path):
+    """Config says group_size 64, the checkpoint has a scale per 32 inputs: a loading error that says so."""
+    tensors, _ = make_int(16, 128, 4, "group", 32, True, torch.float32)
+    method = CompressedTensorsLinearMethod.from_config(int_config(group_size=64))
+    layer = ReplicatedLinear(128, 16, bias=False, quant_method=method, prefix="proj")
+    with pytest.raises(ValueError, match=r"expected shape \(16, 2\), found \(16, 4\); group_size=64 gives 2 scales"):
+        layer.weight_scale.weight_loader(layer.weight_scale, tensors["weight_scale"])
+    # Through quantize(), the same message comes back naming the layer and the tensor.
+    model = nn.Sequential(OrderedDict(proj=nn.Linear(128, 16, bias=False)))
+    save_file({f"proj.{k}": v for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"proj: tensor 'proj.weight_scale': .*another group_size"):
+        pymllm_fx.quantize(model, method, weights=tmp_path, progress=False, example_inputs=(torch.randn(1, 128),))
+    assert isinstance(model.proj, nn.Linear)  # left unchanged
+
+
+def test_wrong_bits_for_the_checkpoint():
+    tensors, _ = make_int(16, 64, 8, "channel", None, True, torch.float32)  # 8-bit words: 16 per row
+    method = CompressedTensorsLinearMethod.from_config(int_config(bits=4, strategy="channel"))
+    layer = ReplicatedLinear(64, 16, bias=False, quant_method=method, prefix="proj")
+    with pytest.raises(ValueError, match=r"found \(16, 16\); 4-bit weights pack 8 values per int32.*num_bits"):
+        layer.weight_packed.weight_loader(layer.weight_packed, tensors["weight_packed"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("config", [int_config(group_size=32), fp8_config("channel")], ids=["int4", "fp8"])
+def test_nan_inf_scales(config, bad):
+    if config["format"] == "pack-quantized":
+        tensors, _ = make_int(8, 64, 4, "group", 32, True, torch.float32)
+    else:
+        tensors, _ = make_fp8(8, 64, "channel", torch.float32)
+    tensors["weight_scale"][3, 0] = bad
+    with pytest.raises(ValueError, match=r"proj: tensor 'weight_scale' holds NaN or Inf \(first at index \[3, 0\]\)"):
+        load_layer(CompressedTensorsLinearMethod.from_config(config), 64, 8, tensors, prefix="proj")
+
+
+def test_weight_shape_mismatch():
+    layer = ReplicatedLinear(64, 8, bias=False, quant_method=CompressedTensorsLinearMethod.from_config(int_config(group_size=32)))
+    with pytest.raises(ValueError, match=r"weight_shape says the checkpoint weight is \[8, 72\], but this layer is \[out=8, in=64\]"):
+        layer.weight_shape.weight_loader(layer.weight_shape, torch.tensor([8, 72]))
+
+
+def test_in_features_not_a_multiple_of_8_for_int4():
+    method = CompressedTensorsLinearMethod.from_config(int_config(strategy="channel"))
+    with pytest.raises(ValueError, match=r"blk.proj: .*in_features=60 is not a multiple of 8; add this layer to skip"):
+        ReplicatedLinear(60, 8, quant_method=method, prefix="blk.proj")
+
+
+def _with_weights(**changes):
+    config = int_config()
+    config["config_groups"]["group_0"]["weights"].update(changes)
+    return config
+
+
+@pytest.mark.parametrize(
+    "config, error, pattern",
+    [
+        (_with_weights(strategy="rowwise"), ValueError, r"unknown strategy 'rowwise'"),
+        (_with_weights(group_size=96), ValueError, r"group_size 96 is not supported"),
+        (_with_weights(num_bits=3), ValueError, r"num_bits=3 is not supported"),
+        (_with_weights(strategy="tensor", group_size=None), NotImplementedError, r"int weight strategy 'tensor'"),
+        (_with_weights(actorder="group"), NotImplementedError, r"actorder 'group'"),
+        (_with_weights(num_bits=8), NotImplementedError, r"8-bit weights load only as symmetric 'channel'"),
+        (_with_weights(typo=1), ValueError, r"unknown keys \['typo'\]"),
+        (fp8_config() | {"kv_cache_scheme": {"num_bits": 8}}, NotImplementedError, r"kv_cache_scheme"),
+        (int_config() | {"colour": 1}, ValueError, r"unknown keys \['colour'\]"),
+        (int_config() | {"format": "int-quantized"}, NotImplementedError, r"int weights load from format 'pack-quantized'"),
+        (int_config() | {"config_groups": {"W4A16": ["Linear"]}}, NotImplementedError, r"preset scheme name"),
+    ],
+    ids=["unknown-strategy", "group-96", "bits-3", "int-tensor", "actorder", "int8-group", "args-key",
+         "kv-cache", "top-key", "int-quantized", "preset"],
+)
+def test_config_errors(config, error, pattern):
+    with pytest.raises(error, match=pattern):
+        CompressedTensorsLinearMethod.from_config(config)
+
+
+def test_fp8_config_errors():
+    block = fp8_config()
+    block["config_groups"]["group_0"]["weights"].update(strategy="block", block_structure=[128, 128])
+    with pytest.raises(NotImplementedError, match=r"block-wise fp8 weight scales \(block_structure \[128, 128\]\)"):
+        CompressedTensorsLinearMethod.from_config(block)
+    weight_only = fp8_config()
+    weight_only["config_groups"]["group_0"]["input_activations"] = None
+    with pytest.raises(NotImplementedError, match=r"fp8 weight-only"):
+        CompressedTensorsLinearMethod.from_config(weight_only)
+    int8_acts = int_config(bits=8, strategy="channel")
+    int8_acts["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}
+    with pytest.raises(NotImplementedError, match=r"W8A8"):
+        CompressedTensorsLinearMethod.from_config(int8_acts)
+    group_acts = fp8_config()
+    group_acts["config_groups"]["group_0"]["input_activations"].update(strategy="group", group_size=128)
+    with pytest.raises(NotImplementedError, match=r"input_activations strategy 'group'"):
+        CompressedTensorsLinearMethod.from_config(group_acts)
+
+
+def test_strategy_inferred_from_group_size():
+    """compressed-tensors infers the strategy when it is missing: -1 is channel, a positive size is group."""
+    channel = _with_weights(strategy=None, group_size=-1)
+    group = _with_weights(strategy=None, group_size=64)
+    assert CompressedTensorsLinearMethod.from_config(channel).targets["Linear"][1] == PackedIntLinearMethod(4, "channel", None, True)
+    assert CompressedTensorsLinearMethod.from_config(group).targets["Linear"][1] == PackedIntLinearMethod(4, "group", 64, True)
