@@ -24,18 +24,21 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4
+from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4
 from pymllm_fx.layers.parameter import replace_parameters, set_weight_attrs
 from pymllm_fx.layers.quantize_base import LinearMethodBase
-from pymllm_fx.methods.common import check_config_keys
+from pymllm_fx.methods.common import (
+    check_config_keys,
+    checkpoint_group,
+    expand_groups,
+    runtime_group,
+    supported_group_size,
+)
 
 # Nibble i of a packed word holds the value of column AWQ_ORDER[i] of its group of eight, so column
 # p sits in nibble AWQ_REVERSE_ORDER[p] (AutoAWQ awq/utils/packing_utils.py).
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
-# The runtime group size used when the checkpoint's groups are larger (or one group per row): a
-# large group is a run of 128-wide runtime groups sharing one scale and zero, which is exact.
-RUNTIME_GROUP = 128
 # Keys that do not change what the stored tensors mean: AutoAWQ / transformers AwqConfig kernel and
 # fusing choices, and the calibration fields transformers' AwqConfig inherits from GPTQConfig (its
 # ``sym`` is GPTQ's default, not AWQ's: AWQ's own key is ``zero_point``).
@@ -47,25 +50,12 @@ IGNORED_KEYS = (
 )
 
 
-def supported_group_size(group_size: int) -> bool:
-    """32 and 64 run as they are; -1 (one group per row) and multiples of 128 run as groups of 128."""
-    return group_size in (-1, 32, 64) or (group_size > 0 and group_size % RUNTIME_GROUP == 0)
-
-
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """int32 ``(R, N // 8)`` in AutoAWQ's interleaved order -> int32 codes ``(R, N)`` in column order."""
     shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
     nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # (R, N // 8, 8), nibble order
     reverse = torch.tensor(AWQ_REVERSE_ORDER, device=packed.device)
     return nibbles.index_select(-1, reverse).reshape(packed.shape[0], -1)
-
-
-def expand_groups(t: torch.Tensor, group_size: int, runtime_group: int, k: int) -> torch.Tensor:
-    """``(N, G)`` per checkpoint group -> ``(N, ceil(K / runtime_group))`` per runtime group."""
-    if runtime_group == group_size:
-        return t.contiguous()
-    starts = torch.arange(num_groups(k, runtime_group), device=t.device) * runtime_group
-    return t.index_select(1, starts // group_size).contiguous()
 
 
 @dataclass
@@ -102,11 +92,10 @@ class AWQLinearMethod(LinearMethodBase):
         self.modules_to_not_convert = tuple(self.modules_to_not_convert or ())
 
     def _group(self, k: int) -> int:
-        """The checkpoint's group size for a layer with ``k`` input features."""
-        return k if self.group_size == -1 else self.group_size
+        return checkpoint_group(self.group_size, k)
 
     def _runtime_group(self) -> int:
-        return self.group_size if self.group_size in (32, 64) else RUNTIME_GROUP
+        return runtime_group(self.group_size)
 
     def create_weights(
         self,

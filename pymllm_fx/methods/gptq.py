@@ -29,15 +29,18 @@ import torch
 from pymllm_fx.kernels.w4a16 import num_groups, pack_int4
 from pymllm_fx.layers.parameter import replace_parameters, set_weight_attrs
 from pymllm_fx.layers.quantize_base import LinearMethodBase
-from pymllm_fx.methods.common import check_config_keys
+from pymllm_fx.methods.common import (
+    check_config_keys,
+    checkpoint_group,
+    expand_groups,
+    runtime_group,
+    supported_group_size,
+)
 
 FORMATS = ("gptq", "gptq_v2")
 # Added to each packed qzeros word of a "gptq" (v1) checkpoint: one per packed value, carries
 # included, which exactly undoes GPTQModel's v2 -> v1 subtraction.
 V1_ZERO_OFFSET = {4: 0x11111111, 8: 0x01010101}
-# The runtime group size used when the checkpoint's groups are larger (or one group per row): a
-# large group is a run of 128-wide runtime groups sharing one scale and zero, which is exact.
-RUNTIME_GROUP = 128
 # Calibration-time settings of AutoGPTQ / GPTQModel / transformers GPTQConfig: they do not change
 # what the stored tensors mean.
 IGNORED_KEYS = (
@@ -47,11 +50,6 @@ IGNORED_KEYS = (
     "exllama_config", "cache_block_outputs", "modules_in_block_to_quantize", "meta", "backend", "lm_head",
     "modules_to_not_convert", "v2", "v2_alpha", "is_marlin_format", "pack_dtype", "dynamic", "act_group_aware",
 )
-
-
-def supported_group_size(group_size: int) -> bool:
-    """32 and 64 run as they are; -1 (one group per row) and multiples of 128 run as groups of 128."""
-    return group_size in (-1, 32, 64) or (group_size > 0 and group_size % RUNTIME_GROUP == 0)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -65,14 +63,6 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 ``(R, C)`` packed along C -> int32 codes ``(R, C * 32 // bits)``, low bits first."""
     return unpack_rows(packed.t(), bits).t()
-
-
-def expand_groups(t: torch.Tensor, group_size: int, runtime_group: int, k: int) -> torch.Tensor:
-    """``(N, G)`` per checkpoint group -> ``(N, ceil(K / runtime_group))`` per runtime group."""
-    if runtime_group == group_size:
-        return t.contiguous()
-    starts = torch.arange(num_groups(k, runtime_group), device=t.device) * runtime_group
-    return t.index_select(1, starts // group_size).contiguous()
 
 
 @dataclass
@@ -110,11 +100,10 @@ class GPTQLinearMethod(LinearMethodBase):
         return 32 // self.bits
 
     def _group(self, k: int) -> int:
-        """The checkpoint's group size for a layer with ``k`` input features."""
-        return k if self.group_size == -1 else self.group_size
+        return checkpoint_group(self.group_size, k)
 
     def _runtime_group(self) -> int:
-        return self.group_size if self.group_size in (32, 64) else RUNTIME_GROUP
+        return runtime_group(self.group_size)
 
     def create_weights(
         self,
