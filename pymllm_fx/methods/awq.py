@@ -91,12 +91,6 @@ class AWQLinearMethod(LinearMethodBase):
         self.version = "gemm"
         self.modules_to_not_convert = tuple(self.modules_to_not_convert or ())
 
-    def _group(self, k: int) -> int:
-        return checkpoint_group(self.group_size, k)
-
-    def _runtime_group(self) -> int:
-        return runtime_group(self.group_size)
-
     def create_weights(
         self,
         layer: torch.nn.Module,
@@ -109,7 +103,7 @@ class AWQLinearMethod(LinearMethodBase):
     ) -> None:
         where = getattr(layer, "prefix", "") or "layer"
         k, n = input_size_per_partition, sum(output_partition_sizes)
-        group = self._group(k)
+        group = checkpoint_group(self.group_size, k)
         if k % group:
             raise ValueError(
                 f"{where}: awq needs in_features divisible by group_size, but in_features={k} and "
@@ -144,7 +138,7 @@ class AWQLinearMethod(LinearMethodBase):
         # Everything is computed and checked first; the layer changes only at the end.
         where = getattr(layer, "prefix", "") or "layer"
         k = layer.qweight.shape[0]
-        group = self._group(k)
+        group = checkpoint_group(self.group_size, k)
         scales = layer.scales.data
         if not torch.isfinite(scales).all():
             bad = (~torch.isfinite(scales)).nonzero()[0].tolist()
@@ -154,7 +148,7 @@ class AWQLinearMethod(LinearMethodBase):
             )
         codes = unpack_awq(layer.qweight.data).t()  # (N, K)
         zeros = unpack_awq(layer.qzeros.data).t()  # (N, K // g)
-        runtime_group = self._runtime_group()
+        runtime_size = runtime_group(self.group_size)
         if not self.zero_point:
             if not bool((zeros == SYMMETRIC_ZERO).all()):
                 raise ValueError(
@@ -163,13 +157,13 @@ class AWQLinearMethod(LinearMethodBase):
                 )
             runtime_zeros = None
         else:
-            runtime_zeros = expand_groups(zeros.to(scales.dtype), group, runtime_group, k)
+            runtime_zeros = expand_groups(zeros.to(scales.dtype), group, runtime_size, k)
         replace_parameters(
             layer,
             ("qweight", "qzeros", "scales"),
             {
                 "qweight": pack_int4(codes),
-                "scales": expand_groups(scales.t(), group, runtime_group, k),
+                "scales": expand_groups(scales.t(), group, runtime_size, k),
                 "zeros": runtime_zeros,
             },
         )
@@ -178,7 +172,7 @@ class AWQLinearMethod(LinearMethodBase):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         return torch.ops.pymllm_fx.w4a16_linear(
-            x, layer.qweight, layer.scales, layer.zeros, self._runtime_group(), bias
+            x, layer.qweight, layer.scales, layer.zeros, runtime_group(self.group_size), bias
         )
 
     def describe(self, layer: torch.nn.Module) -> str:

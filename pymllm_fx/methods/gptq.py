@@ -99,12 +99,6 @@ class GPTQLinearMethod(LinearMethodBase):
     def pack_factor(self) -> int:
         return 32 // self.bits
 
-    def _group(self, k: int) -> int:
-        return checkpoint_group(self.group_size, k)
-
-    def _runtime_group(self) -> int:
-        return runtime_group(self.group_size)
-
     def create_weights(
         self,
         layer: torch.nn.Module,
@@ -117,7 +111,7 @@ class GPTQLinearMethod(LinearMethodBase):
     ) -> None:
         where = getattr(layer, "prefix", "") or "layer"
         k, n, f = input_size_per_partition, sum(output_partition_sizes), self.pack_factor
-        groups = num_groups(k, self._group(k))
+        groups = num_groups(k, checkpoint_group(self.group_size, k))
         partitioned = input_size != input_size_per_partition
         if self.bits == 8 and groups > 1:
             raise NotImplementedError(
@@ -171,7 +165,7 @@ class GPTQLinearMethod(LinearMethodBase):
         where = getattr(layer, "prefix", "") or "layer"
         bits, scales = self.bits, layer.scales.data
         k = layer.g_idx.shape[0]
-        group = self._group(k)
+        group = checkpoint_group(self.group_size, k)
         stored_groups = scales.shape[0]
         if not torch.isfinite(scales).all():
             bad = (~torch.isfinite(scales)).nonzero()[0].tolist()
@@ -228,11 +222,11 @@ class GPTQLinearMethod(LinearMethodBase):
                 "scales": scales[0].contiguous(),
             }
         else:
-            runtime_group = self._runtime_group()
+            runtime_size = runtime_group(self.group_size)
             runtime = {
                 "qweight": pack_int4(codes),
-                "scales": expand_groups(scales.t(), group, runtime_group, k),
-                "zeros": None if self.sym else expand_groups(zeros.to(scales.dtype), group, runtime_group, k),
+                "scales": expand_groups(scales.t(), group, runtime_size, k),
+                "zeros": None if self.sym else expand_groups(zeros.to(scales.dtype), group, runtime_size, k),
             }
         replace_parameters(layer, ("qweight", "qzeros", "scales", "g_idx"), runtime)
         layer.register_buffer("perm", perm)
@@ -245,7 +239,7 @@ class GPTQLinearMethod(LinearMethodBase):
         if self.bits == 8:
             return torch.ops.pymllm_fx.w8a16_linear(x, layer.qweight, layer.scales, bias)
         return torch.ops.pymllm_fx.w4a16_linear(
-            x, layer.qweight, layer.scales, layer.zeros, self._runtime_group(), bias
+            x, layer.qweight, layer.scales, layer.zeros, runtime_group(self.group_size), bias
         )
 
     def describe(self, layer: torch.nn.Module) -> str:
