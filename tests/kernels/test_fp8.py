@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
 
 import pymllm_fx  # noqa: F401  (registers torch.ops.pymllm_fx.*)
+from checks import rel_err, seed
 from pymllm_fx.kernels.fp8_w8a8 import (
     FP8_DTYPE,
     fp8_linear_reference,
@@ -21,14 +20,6 @@ REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 # below the smallest normal (2**-6) the spacing is 2**-9, so the absolute error is <= 2**-10.
 E4M3_REL = 2.0**-4
 E4M3_ABS = 2.0**-10
-
-
-def seed(*args) -> None:
-    torch.manual_seed(zlib.crc32(repr(args).encode()))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

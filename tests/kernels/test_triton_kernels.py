@@ -1,12 +1,12 @@
 """Every Triton kernel against its torch reference: small shapes with tails on the CPU through
 Triton's interpreter (CI), the same cases on CUDA, and the Llama-3-8B shapes on CUDA only."""
 
-import zlib
 
 import pytest
 import torch
 
 from pymllm_fx.kernels import _triton, fp8_w8a8, w4a16, w8a16
+from checks import seed
 
 pytestmark = pytest.mark.skipif(not _triton.HAS_TRITON, reason="triton is not installed")
 
@@ -15,10 +15,6 @@ DEVICE = "cuda" if CUDA else "cpu"  # cpu: conftest.py sets TRITON_INTERPRET=1
 # Relative error ||out - ref|| / ||ref|| against the op's torch reference. The interpreter rounds
 # float -> bf16 by truncation (the GPU rounds to nearest), which costs up to one bf16 ulp.
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def seed(*args) -> None:
-    torch.manual_seed(zlib.crc32(repr(args).encode()))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

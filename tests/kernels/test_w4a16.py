@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -11,18 +10,11 @@ from hypothesis import strategies as st
 
 import pymllm_fx  # noqa: F401  (registers torch.ops.pymllm_fx.*)
 from pymllm_fx.kernels.w4a16 import dequantize_int4, num_groups, pack_int4, unpack_int4, w4a16_reference
+from checks import rel_err, seed
 
 OP = "pymllm_fx.w4a16_linear"
 # Relative error bounds ||out - ref|| / ||ref|| against a float64 recomputation (DESIGN.md conv. 1).
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def seed(*args) -> None:
-    torch.manual_seed(zlib.crc32(repr(args).encode()))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def manual_unpack(qweight: torch.Tensor) -> list:

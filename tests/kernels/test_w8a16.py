@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
 
 import pymllm_fx  # noqa: F401  (registers torch.ops.pymllm_fx.*)
 from pymllm_fx.kernels.w8a16 import w8a16_reference
+from checks import rel_err, seed
 
 OP = "pymllm_fx.w8a16_linear"
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def seed(*args) -> None:
-    torch.manual_seed(zlib.crc32(repr(args).encode()))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_weights(n: int, k: int, dtype: torch.dtype):

@@ -8,7 +8,6 @@ with the method's unpacking.
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -19,15 +18,12 @@ import pymllm_fx
 from pymllm_fx.kernels.w4a16 import dequantize_int4
 from pymllm_fx.layers.linear import ReplicatedLinear
 from pymllm_fx.methods.awq import AWQLinearMethod
+from checks import build_layer, rel_err, seed
 
 ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Layer vs float64 x @ W_ref.T: only the output dtype's rounding and accumulation order remain.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def seed(*args) -> None:
-    torch.manual_seed(zlib.crc32(repr(args).encode()))
 
 
 def to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -62,20 +58,6 @@ def reference_weight(q, z, s, group_of, dtype):
     """W_ref (N, K) in float64 with the scales as the layer stores them (in ``dtype``)."""
     s = s.to(dtype).double()
     return ((q.double() - z.double()[group_of]) * s[group_of]).t()
-
-
-def build_layer(method, k, n, tensors, bias, dtype):
-    layer = ReplicatedLinear(k, n, bias=bias is not None, params_dtype=dtype, quant_method=method, prefix="blk.proj")
-    for name, tensor in tensors.items():
-        param = getattr(layer, name)
-        param.weight_loader(param, tensor)
-    if bias is not None:
-        layer.bias.weight_loader(layer.bias, bias)
-    return layer
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -8,7 +8,6 @@ as the original loop rather than the method's vectorized unpacking.
 
 from __future__ import annotations
 
-import zlib
 from collections import OrderedDict
 
 import pytest
@@ -24,16 +23,9 @@ from pymllm_fx.layers.linear import ReplicatedLinear
 from pymllm_fx.loading import CheckpointError
 from pymllm_fx.methods.compressed_tensors import CompressedTensorsLinearMethod, PackedIntLinearMethod
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
+from checks import build_layer, rel_err, seed
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def seed(*args) -> None:
-    torch.manual_seed(zlib.crc32(repr(args).encode()))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def ct_pack(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -93,12 +85,7 @@ def make_int(n, k, bits, strategy, group_size, symmetric, dtype):
 
 def load_layer(method, k, n, tensors, bias=None, dtype=torch.float32, prefix="model.layers.0.mlp.down_proj"):
     """create_weights, each tensor through its parameter's weight_loader, then post-processing."""
-    layer = ReplicatedLinear(k, n, bias=bias is not None, params_dtype=dtype, quant_method=method, prefix=prefix)
-    for name, tensor in tensors.items():
-        param = getattr(layer, name)
-        param.weight_loader(param, tensor)
-    if bias is not None:
-        layer.bias.weight_loader(layer.bias, bias)
+    layer = build_layer(method, k, n, tensors, bias, dtype, prefix)
     layer.quant_method.process_weights_after_loading(layer)
     return layer
 

@@ -3,7 +3,6 @@ dynamic or static activation scales, ignored layers, and the refusals (block-wis
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -15,16 +14,9 @@ import pymllm_fx
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE
 from pymllm_fx.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, matches_module
+from checks import rel_err, seed
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def seed(*args) -> None:
-    torch.manual_seed(zlib.crc32(repr(args).encode()))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def reference(x, w_fp8, w_scale_rows, input_scale=None, bias=None):

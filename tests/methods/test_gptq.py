@@ -10,7 +10,6 @@ int32 words. They share no code with the method's unpacking.
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -20,14 +19,11 @@ import pymllm_fx
 from pymllm_fx.kernels.w4a16 import dequantize_int4
 from pymllm_fx.layers.linear import ReplicatedLinear
 from pymllm_fx.methods.gptq import GPTQLinearMethod
+from checks import build_layer, rel_err, seed
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 V1_OFFSET = {4: 0b00010001000100010001000100010001, 8: 0b00000001000000010000000100000001}
-
-
-def seed(*args) -> None:
-    torch.manual_seed(zlib.crc32(repr(args).encode()))
 
 
 def to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -84,20 +80,6 @@ def reference_weight(q, z, s, g_idx, dtype):
     """W_ref (N, K) in float64, ``(q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]``, scales as stored in ``dtype``."""
     s = s.to(dtype).double()
     return ((q.double() - z.double()[g_idx]) * s[g_idx]).t()
-
-
-def build_layer(method, k, n, tensors, bias, dtype):
-    layer = ReplicatedLinear(k, n, bias=bias is not None, params_dtype=dtype, quant_method=method, prefix="blk.proj")
-    for name, tensor in tensors.items():
-        param = getattr(layer, name)
-        param.weight_loader(param, tensor)
-    if bias is not None:
-        layer.bias.weight_loader(layer.bias, bias)
-    return layer
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def check_layer(layer, w_ref, bias, k, n, dtype):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from pymllm_fx.methods.fp8 import Fp8LinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod, quantize_int4
 from pymllm_fx.methods.int8 import Int8LinearMethod, quantize_int8
 from pymllm_fx.methods.registry import method_names, resolve
+from checks import rel_err, seed
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (in, out, bias); 576 and 200 leave tail groups for g=128 and g=64/128.
@@ -46,14 +46,6 @@ METHODS = [
         for sym in (True, False)
     ],
 ]
-
-
-def seed(*args) -> None:
-    torch.manual_seed(zlib.crc32(repr(args).encode()))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def build_loaded_layer(method, in_f, out_f, bias, dtype):

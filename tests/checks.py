@@ -1,0 +1,30 @@
+"""Helpers the tests share: per-case seeding, the relative error they compare with, and loading
+checkpoint-format tensors into a layer through its parameters' weight loaders."""
+
+import zlib
+
+import torch
+
+from pymllm_fx.layers.linear import ReplicatedLinear
+
+
+def seed(*args) -> None:
+    """Seed from the test case's parameters, so each case draws its own inputs reproducibly."""
+    torch.manual_seed(zlib.crc32(repr(args).encode()))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (DESIGN.md convention 1)."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def build_layer(method, k: int, n: int, tensors: dict, bias=None, dtype=torch.float32, prefix: str = "blk.proj"):
+    """A ReplicatedLinear running ``method``, each tensor loaded through its parameter's weight
+    loader, as the checkpoint loader does; post-processing is left to the caller."""
+    layer = ReplicatedLinear(k, n, bias=bias is not None, params_dtype=dtype, quant_method=method, prefix=prefix)
+    for name, tensor in tensors.items():
+        param = getattr(layer, name)
+        param.weight_loader(param, tensor)
+    if bias is not None:
+        layer.bias.weight_loader(layer.bias, bias)
+    return layer
