@@ -79,6 +79,21 @@ def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> N
     copy_into(param.data, loaded_weight)
 
 
+def register_param(
+    layer: torch.nn.Module, name: str, data: torch.Tensor, attrs: Dict[str, Any], extra_weight_attrs: Dict[str, Any]
+) -> torch.nn.Parameter:
+    """Register ``data`` on ``layer`` as a frozen parameter with its loading metadata.
+
+    The layer's ``extra_weight_attrs`` (its ``weight_loader``) apply unless the parameter's own
+    ``attrs`` (layout keys such as ``output_dim``, or a loader of its own) name the same key; keys
+    whose value is None are left out.
+    """
+    param = torch.nn.Parameter(data, requires_grad=False)
+    set_weight_attrs(param, {key: value for key, value in {**extra_weight_attrs, **attrs}.items() if value is not None})
+    layer.register_parameter(name, param)
+    return param
+
+
 def create_float_weight(
     layer: torch.nn.Module,
     input_size_per_partition: int,

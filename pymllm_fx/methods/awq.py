@@ -25,7 +25,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4
-from pymllm_fx.layers.parameter import replace_parameters, set_weight_attrs
+from pymllm_fx.layers.parameter import register_param, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import (
     check_config_keys,
@@ -123,16 +123,13 @@ class AWQLinearMethod(LinearMethodBase):
         # One group per row is the same on every tensor-parallel rank: no input_dim to split along.
         group_input_dim = None if self.group_size == -1 else 0
 
-        def register(name: str, shape: tuple, dtype: torch.dtype, attrs: dict) -> None:
-            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-            set_weight_attrs(param, {key: value for key, value in attrs.items() if value is not None})
-            set_weight_attrs(param, extra_weight_attrs)
-            layer.register_parameter(name, param)
-
         packed_n = dict(output_dim=1, packed_dim=1, packed_factor=PACK_FACTOR)
-        register("qweight", (k, n // PACK_FACTOR), torch.int32, dict(input_dim=0, **packed_n))
-        register("qzeros", (k // group, n // PACK_FACTOR), torch.int32, dict(input_dim=group_input_dim, **packed_n))
-        register("scales", (k // group, n), params_dtype, dict(input_dim=group_input_dim, output_dim=1))
+        qweight = torch.empty(k, n // PACK_FACTOR, dtype=torch.int32)
+        register_param(layer, "qweight", qweight, dict(input_dim=0, **packed_n), extra_weight_attrs)
+        qzeros = torch.empty(k // group, n // PACK_FACTOR, dtype=torch.int32)
+        register_param(layer, "qzeros", qzeros, dict(input_dim=group_input_dim, **packed_n), extra_weight_attrs)
+        scales = torch.empty(k // group, n, dtype=params_dtype)
+        register_param(layer, "scales", scales, dict(input_dim=group_input_dim, output_dim=1), extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Everything is computed and checked first; the layer changes only at the end.

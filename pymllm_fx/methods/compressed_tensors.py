@@ -44,7 +44,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups
-from pymllm_fx.layers.parameter import default_weight_loader, replace_parameters, set_weight_attrs
+from pymllm_fx.layers.parameter import (
+    default_weight_loader,
+    register_param,
+    replace_parameters,
+    set_weight_attrs,
+)
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
 from pymllm_fx.methods.common import check_config_keys
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, check_finite
@@ -158,9 +163,7 @@ class PackedIntLinearMethod(LinearMethodBase):
         bits = f"{self.num_bits}-bit"
 
         def register(name: str, data: torch.Tensor, attrs: dict, hint: str) -> None:
-            param = torch.nn.Parameter(data, requires_grad=False)
-            set_weight_attrs(param, {**extra_weight_attrs, "weight_loader": _explained(loader, hint), **attrs})
-            layer.register_parameter(name, param)
+            register_param(layer, name, data, {"weight_loader": _explained(loader, hint), **attrs}, extra_weight_attrs)
 
         register(
             "weight_packed", torch.empty(n, -(-k // self.per_word), dtype=torch.int32),

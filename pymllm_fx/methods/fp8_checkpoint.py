@@ -34,7 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX
-from pymllm_fx.layers.parameter import create_float_weight, replace_parameters, set_weight_attrs
+from pymllm_fx.layers.parameter import (
+    create_float_weight,
+    register_param,
+    replace_parameters,
+)
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import check_config_keys
 
@@ -168,9 +172,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         shards = len(output_partition_sizes)
 
         def register(name: str, data: torch.Tensor, attrs: dict) -> None:
-            param = torch.nn.Parameter(data, requires_grad=False)
-            set_weight_attrs(param, {**extra_weight_attrs, **attrs})
-            layer.register_parameter(name, param)
+            register_param(layer, name, data, attrs, extra_weight_attrs)
 
         per_tensor = {"weight_loader": per_tensor_scale_loader}
         register("weight", torch.empty(n, k, dtype=FP8_DTYPE), {"input_dim": 1, "output_dim": 0})

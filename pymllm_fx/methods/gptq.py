@@ -27,7 +27,7 @@ from typing import Any, List, Optional
 import torch
 
 from pymllm_fx.kernels.w4a16 import num_groups, pack_int4
-from pymllm_fx.layers.parameter import replace_parameters, set_weight_attrs
+from pymllm_fx.layers.parameter import register_param, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import (
     check_config_keys,
@@ -149,10 +149,7 @@ class GPTQLinearMethod(LinearMethodBase):
         group_input_dim = None if self.group_size == -1 else 0
 
         def register(name: str, shape: tuple, dtype: torch.dtype, attrs: dict) -> None:
-            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-            set_weight_attrs(param, {key: value for key, value in attrs.items() if value is not None})
-            set_weight_attrs(param, extra_weight_attrs)
-            layer.register_parameter(name, param)
+            register_param(layer, name, torch.empty(shape, dtype=dtype), attrs, extra_weight_attrs)
 
         register("qweight", (k // f, n), torch.int32, dict(input_dim=0, output_dim=1, packed_dim=0, packed_factor=f))
         register("qzeros", (groups, n // f), torch.int32,
