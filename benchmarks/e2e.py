@@ -223,13 +223,6 @@ def phase_lean(model, prompt, args, device) -> Tuple[Dict[str, Any], torch.Tenso
     reset_peak(device)
     clear_counters()
     decoder = GreedyDecoder(model, max_cache_len=prompt.shape[1] + T, compile=args.compile, mode=mode)
-    if args.compile and device.type == "cuda" and mode in ("reduce-overhead", "max-autotune"):
-        # Under CUDA graphs every call of a compiled function overwrites the previous call's outputs,
-        # and GreedyDecoder keeps every step's token to concatenate at the end: clone each one
-        # (as gpt-fast does), or torch.cat fails with "accessing tensor output of CUDAGraphs that has
-        # been overwritten by a subsequent run". One tiny copy per token.
-        compiled_step = decoder.step
-        decoder.step = lambda token, cache: compiled_step(token, cache).clone()
     first_s, _ = timed(lambda: decoder.generate(prompt, T), device)
     for _ in range(args.warmup - 1):
         decoder.generate(prompt, T)

@@ -71,8 +71,10 @@ class GreedyDecoder:
         for _ in range(max_new_tokens - 1):
             if eos_token_id is not None and int(token) == eos_token_id:
                 break
-            token = self.step(token, cache)
-            tokens.append(token.clone())  # under CUDA graphs the next step overwrites its output
+            # Under CUDA graphs the next replay overwrites a step's output, so neither the kept
+            # token nor the next step's input may be that output itself: clone it once.
+            token = self.step(token, cache).clone()
+            tokens.append(token)
         _sync(device)
         return torch.cat(tokens, dim=1), time.perf_counter() - start
 
