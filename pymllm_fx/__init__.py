@@ -6,7 +6,7 @@
 """
 
 from pymllm_fx import kernels  # noqa: F401  (registers torch.ops.pymllm_fx.*)
-from pymllm_fx.api import DEFAULT_SKIP, quantize, skip_reason
+from pymllm_fx.api import DEFAULT_SKIP, from_pretrained, quantize, skip_reason
 from pymllm_fx.layers.quantize_base import LinearMethodBase, QuantizeMethodBase, UnquantizedLinearMethod
 from pymllm_fx.loading import CheckpointError, iter_weights, load_weights, process_weights_after_loading
 from pymllm_fx.methods.registry import method_names, resolve
@@ -19,6 +19,7 @@ __all__ = [
     "QuantizeMethodBase",
     "UnquantizedLinearMethod",
     "explain",
+    "from_pretrained",
     "iter_weights",
     "load_weights",
     "method_names",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, TextIO, Tuple, Union
 
 import torch
 from torch import nn
@@ -15,11 +16,14 @@ from pymllm_fx.layers.linear import ReplicatedLinear
 from pymllm_fx.loading import (
     CheckpointError,
     LoadTarget,
+    checkpoint_tensors,
     iter_weights,
     load_weights,
 )
-from pymllm_fx.methods.registry import MethodSpec, resolve
+from pymllm_fx.loading.hf import build_on_meta, materialize_buffers, read_config
+from pymllm_fx.methods.registry import MethodSpec, resolve, resolve_checkpoint
 from pymllm_fx.passes import LinearSite, find_linears, swap_linears
+from pymllm_fx.report import Explanation, LayerRow
 
 DEFAULT_SKIP: Tuple[str, ...] = ("lm_head",)
 SkipSpec = Union[Iterable[str], Callable[[LinearSite], bool]]
@@ -41,7 +45,8 @@ def quantize(
     ``quantization_config`` dict, or a ``LinearMethodBase`` instance. ``weights=None`` quantizes
     the model's own float weights; a safetensors path loads the whole model's tensors from there.
     ``skip``: module-path patterns (fnmatch, matched against the path and its last name) or a
-    predicate; embeddings are never linears, and weights tied to another parameter are skipped.
+    predicate (returning True, or the reason as text); embeddings are never linears, and weights
+    tied to another parameter are skipped.
     On any error the model is left exactly as it was.
     """
     _check_model(model)
@@ -71,9 +76,142 @@ def quantize(
         layers = _quantize_own_weights(model, plan, build, progress)
     else:
         layers = {site.path: build(site) for site in plan}
-        _load_checkpoint(model, plan, layers, weights, progress)
+        _load_checkpoint(model, plan, layers, weights, progress, device)
     swap_linears(model, layers)
     return model
+
+
+def from_pretrained(
+    path: Union[str, Path],
+    *,
+    method: Optional[MethodSpec] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+    skip: SkipSpec = DEFAULT_SKIP,
+    progress: bool = True,
+) -> nn.Module:
+    """A ready quantized transformers model from a local checkpoint directory, in eval mode.
+
+    A quantized checkpoint (AWQ, GPTQ, FP8, compressed-tensors: its ``config.json`` carries a
+    ``quantization_config``) loads as it was stored; a float checkpoint needs ``method=`` and is
+    quantized while it streams in. The architecture is built on ``meta``, so no float copy of the
+    model is ever allocated: peak memory is the quantized model plus one checkpoint tensor.
+    Linears the checkpoint stores in float (its skipped layers) stay float. ``device`` defaults
+    to CUDA when there is one; ``dtype`` (activations, embeddings, norms) to the config's.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, quant_method, skip = _open_checkpoint(Path(path), method, dtype, skip)
+    materialize_buffers(model, device)
+    quantize(model, quant_method, weights=path, skip=skip, device=device, progress=progress)
+    generation = Path(path) / "generation_config.json"
+    if generation.is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    return model.eval()
+
+
+def _open_checkpoint(
+    path: Path, method: Optional[MethodSpec], dtype: Optional[torch.dtype], skip: SkipSpec
+) -> Tuple[nn.Module, Any, SkipSpec]:
+    """The checkpoint's model on meta, the method that loads it, and what to leave float."""
+    config = read_config(path)
+    stored = config.get("quantization_config")
+    if stored is not None and method is not None and resolve(method).name != _stored_name(stored):
+        raise ValueError(
+            f"{path} is already quantized ({_stored_name(stored)!r} in config.json); drop method= to load it "
+            f"as stored (re-quantizing a quantized checkpoint would compound the error)"
+        )
+    if stored is None and method is None:
+        raise ValueError(f"{path} holds float weights (config.json has no quantization_config); pass method=, e.g. 'int4'")
+    try:
+        quant_method = resolve_checkpoint(stored) if stored is not None else resolve(method)
+    except ValueError as err:
+        raise CheckpointError(f"{path / 'config.json'}: {err}") from None
+    tensors = checkpoint_tensors(path)  # reads only headers: a corrupt file fails before any work
+    model = build_on_meta(path, dtype)
+    if stored is not None:
+        skip = _with_float_layers(skip, tensors)
+    return model, quant_method, skip
+
+
+def explain_checkpoint(
+    path: Union[str, Path], *, method: Optional[MethodSpec] = None, skip: SkipSpec = DEFAULT_SKIP,
+    file: Optional[TextIO] = sys.stdout,
+) -> Explanation:
+    """What ``from_pretrained(path, method=...)`` would build, from headers alone: no weight is read.
+
+    One row per linear: its method, shape, float size and the bytes the checkpoint stores for it
+    (for a float checkpoint, what the method will hold), or why it would stay float.
+    """
+    path = Path(path)
+    model, quant_method, skip = _open_checkpoint(path, method, None, skip)
+    tensors = checkpoint_tensors(path)
+    report = Explanation()
+    for site in find_linears(model):
+        float_bytes = (site.in_features + site.bias) * site.out_features * site.dtype.itemsize
+        reason = skip_reason(site, skip)
+        if reason is not None:
+            report.rows.append(LayerRow(site.path, "-", f"stays float: {reason}", f"{site.out_features} x {site.in_features}",
+                                        float_bytes, float_bytes))
+            continue
+        layer = _build_layer(site, quant_method, "meta")
+        if getattr(quant_method, "prequantized", False):
+            stored = sum(info.nbytes for name, info in tensors.items() if name.rpartition(".")[0] == site.path)
+        else:
+            stored = _calibrated_bytes(site, quant_method)
+        describe = getattr(quant_method, "describe", None)
+        report.rows.append(LayerRow(site.path, quant_method.name, describe(layer) if describe else "",
+                                    f"{site.out_features} x {site.in_features}", float_bytes, stored))
+    on_disk = sum(info.nbytes for info in tensors.values())
+    saved = report.linear_bytes_before - report.linear_bytes_after
+    prequantized = getattr(quant_method, "prequantized", False)
+    report.model_bytes_before = on_disk + saved if prequantized else on_disk
+    report.model_bytes_after = on_disk if prequantized else on_disk - saved
+    if file is not None:
+        print(report.table(), file=file)
+    return report
+
+
+def _calibrated_bytes(site: LinearSite, quant_method, rows: int = 16) -> int:
+    """Bytes the method holds for ``site`` once calibrated, from a real layer of ``rows`` output rows.
+
+    Every calibrating method stores per output row (codes, scales, zeros, bias), so the size is
+    linear in the row count; this avoids allocating the whole float weight just to measure it.
+    """
+    rows = min(rows, site.out_features)
+    with torch.device("cpu"):
+        layer = ReplicatedLinear(site.in_features, rows, bias=site.bias, params_dtype=site.dtype, quant_method=quant_method)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_() if param.dtype.is_floating_point else param.zero_()
+    quant_method.process_weights_after_loading(layer)
+    size = sum(t.numel() * t.element_size() for t in layer.parameters())
+    return size * site.out_features // rows
+
+
+def _stored_name(quantization_config: Any) -> str:
+    return str(quantization_config.get("quant_method", "?")).lower() if isinstance(quantization_config, dict) else "?"
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _with_float_layers(skip: SkipSpec, tensors: Dict[str, Any]) -> Callable[[LinearSite], Optional[str]]:
+    """``skip`` plus every linear the checkpoint stores as a plain float weight (and bias) only."""
+    by_layer: Dict[str, Dict[str, Any]] = {}
+    for name, info in tensors.items():
+        layer, _, leaf = name.rpartition(".")
+        by_layer.setdefault(layer, {})[leaf] = info
+    skip = _normalize_skip(skip)
+
+    def predicate(site: LinearSite) -> Optional[str]:
+        stored = by_layer.get(site.path, {})
+        if set(stored) <= {"weight", "bias"} and "weight" in stored and stored["weight"].dtype in _FLOAT_DTYPES:
+            return "stored as a float weight in the checkpoint"
+        return skip_reason(site, skip)
+
+    return predicate
 
 
 def _build_layer(site: LinearSite, quant_method, device) -> nn.Module:
@@ -114,7 +252,8 @@ def skip_reason(site: LinearSite, skip: SkipSpec) -> Optional[str]:
         return f"weight dtype {site.dtype} is not floating point"
     skip = _normalize_skip(skip)
     if callable(skip):
-        return "skipped by the skip predicate" if skip(site) else None
+        verdict = skip(site)  # True, or the reason as text
+        return verdict if isinstance(verdict, str) and verdict else ("skipped by the skip predicate" if verdict else None)
     leaf = site.path.rpartition(".")[2]
     for pattern in skip:
         if fnmatch.fnmatchcase(site.path, pattern) or fnmatch.fnmatchcase(leaf, pattern):
@@ -170,9 +309,18 @@ def _quantize_own_weights(
 
 
 def _load_checkpoint(
-    model: nn.Module, plan: List[LinearSite], layers: Dict[str, nn.Module], weights: Union[str, Path], progress: bool
+    model: nn.Module,
+    plan: List[LinearSite],
+    layers: Dict[str, nn.Module],
+    weights: Union[str, Path],
+    progress: bool,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> None:
-    """Load every tensor of the model from a checkpoint; the model's own tensors are staged until all fit."""
+    """Load every tensor of the model from a checkpoint; the model's own tensors are staged until all fit.
+
+    Tensors still on ``meta`` (a model built without weights) are staged on ``device`` and become
+    the model's parameters at the end; real ones are copied in place, keeping their device.
+    """
     targets: Dict[str, LoadTarget] = {}
     replaced = set(layers)
     conv1d = {site.path for site in plan if site.kind == "conv1d"}
@@ -180,27 +328,59 @@ def _load_checkpoint(
         for name, param in layer.named_parameters():
             transform = (lambda t: t.t()) if (path in conv1d and name == "weight") else None
             targets[f"{path}.{name}"] = LoadTarget(param, transform=transform, owner=path)
+
     staged: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stage(name: str, tensor: torch.Tensor, required: bool) -> None:
+        if id(tensor) not in staged:
+            where = tensor.device
+            if where.type == "meta":
+                if device is None:
+                    raise ValueError(f"{name} is on the meta device; pass device= to say where to load it")
+                where = torch.device(device)
+            staged[id(tensor)] = (tensor, torch.empty_like(tensor, device=where))
+        targets[name] = LoadTarget(staged[id(tensor)][1], required=required, owner=name.rpartition(".")[0])
+
     for name, param in model.named_parameters(remove_duplicate=False):
-        if name.rpartition(".")[0] in replaced:
-            continue
-        if id(param) not in staged:
-            staged[id(param)] = (param, torch.empty_like(param))
-        targets[name] = LoadTarget(staged[id(param)][1], owner=name.rpartition(".")[0])
+        if name.rpartition(".")[0] not in replaced:
+            stage(name, param, required=True)
     for name, buffer in model.named_buffers():
-        if name.rpartition(".")[0] not in replaced and _is_persistent(model, name):
-            staged[id(buffer)] = (buffer, torch.empty_like(buffer))
-            targets[name] = LoadTarget(staged[id(buffer)][1], required=False, owner=name.rpartition(".")[0])
+        if name.rpartition(".")[0] not in replaced:
+            # Buffers computed at construction (non-persistent) may still be in old checkpoints.
+            stage(name, buffer, required=_is_persistent(model, name) and buffer.device.type == "meta")
+    seen = set()
     stream = tqdm(iter_weights(weights), desc="loading", unit="tensor", disable=not progress)
     try:
-        load_weights(targets, stream)
+        load_weights(targets, ((seen.add(name) or name, tensor) for name, tensor in stream))
     except CheckpointError as err:
         raise CheckpointError(f"{weights}: {err}\nThe model was left unchanged.") from None
+    filled = {id(targets[name].param) for name in seen if name in targets}
     for layer in layers.values():
         layer.quant_method.process_weights_after_loading(layer)
+    new_params: Dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for tensor, value in staged.values():
-            tensor.copy_(value)
+        for key, (tensor, value) in staged.items():
+            if id(value) not in filled:
+                continue  # an optional buffer the checkpoint does not hold keeps its value
+            if tensor.device.type == "meta":
+                is_param = isinstance(tensor, nn.Parameter)
+                new_params[key] = nn.Parameter(value, requires_grad=tensor.requires_grad) if is_param else value
+            else:
+                tensor.copy_(value)
+    _rebind(model, new_params)
+
+
+def _rebind(model: nn.Module, new: Dict[int, torch.Tensor]) -> None:
+    """Point every name of a replaced tensor (tied weights share one) at its new value."""
+    if not new:
+        return
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) in new:
+                module._parameters[name] = new[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and id(buffer) in new:
+                module._buffers[name] = new[id(buffer)]
 
 
 def _is_persistent(model: nn.Module, name: str) -> bool:

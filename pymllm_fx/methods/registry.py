@@ -9,6 +9,7 @@ from pymllm_fx.methods.awq import AWQLinearMethod
 from pymllm_fx.methods.common import check_config_keys
 from pymllm_fx.methods.compressed_tensors import CompressedTensorsLinearMethod
 from pymllm_fx.methods.fp8 import Fp8LinearMethod
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
 from pymllm_fx.methods.gptq import GPTQLinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
@@ -35,6 +36,10 @@ METHODS: Dict[str, Type[LinearMethodBase]] = {
     "gptq": GPTQLinearMethod,
     "compressed-tensors": CompressedTensorsLinearMethod,
 }
+
+# A checkpoint's quantization_config names how its tensors were stored, which for "fp8" is not
+# the calibrating method of that name: its layers already hold e4m3 weights and their scales.
+CHECKPOINT_METHODS: Dict[str, Type[LinearMethodBase]] = {**METHODS, "fp8": Fp8CheckpointLinearMethod}
 
 MethodSpec = Union[str, dict, LinearMethodBase]
 
@@ -67,3 +72,18 @@ def _lookup(name: str) -> Type[LinearMethodBase]:
     if key not in METHODS:
         raise ValueError(f"unknown quantization method {name!r}; valid names: {', '.join(method_names())}")
     return METHODS[key]
+
+
+def resolve_checkpoint(quantization_config: dict) -> LinearMethodBase:
+    """The method that loads a checkpoint whose ``config.json`` carries ``quantization_config``."""
+    if not isinstance(quantization_config, dict) or "quant_method" not in quantization_config:
+        raise ValueError(
+            f"quantization_config must be a dict with a 'quant_method' key, got {quantization_config!r}"
+        )
+    name = str(quantization_config["quant_method"]).lower()
+    if name not in CHECKPOINT_METHODS:
+        raise ValueError(
+            f"quant_method {quantization_config['quant_method']!r} is not a checkpoint format pymllm_fx reads; "
+            f"readable: {', '.join(sorted(n for n in CHECKPOINT_METHODS if n != 'none'))}"
+        )
+    return CHECKPOINT_METHODS[name].from_config(dict(quantization_config))

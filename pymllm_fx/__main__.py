@@ -1,0 +1,5 @@
+import sys
+
+from pymllm_fx.cli import main
+
+sys.exit(main())
