@@ -41,6 +41,18 @@ def stored_size(param: torch.Tensor, dim: int, logical_size: int) -> int:
     return logical_size // factor
 
 
+def rank_share(layer: torch.nn.Module, name: str, size: int, split: bool) -> str:
+    """``name=size`` for an error message, saying so when ``size`` is one tensor-parallel rank's share.
+
+    A size that fits the whole layer can fail on a rank (a group or a packed word straddles two
+    ranks); the message must show both numbers, or the user cannot see why.
+    """
+    tp_size = getattr(layer, "tp_size", 1)
+    if not split or tp_size == 1:
+        return f"{name}={size}"
+    return f"{name}={size} on this rank ({size * tp_size} split over tp_size={tp_size})"
+
+
 def narrow_for_rank(
     loaded: torch.Tensor, dim: int, shard_size: int, index: int, full_size: int
 ) -> torch.Tensor:

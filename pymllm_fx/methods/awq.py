@@ -12,6 +12,10 @@ Checkpoint layout (AutoAWQ ``WQLinear_GEMM``; K = in features, N = out features,
 ``zero_point: false`` (symmetric) checkpoints still carry ``qzeros`` (every consumer of this layout
 reads them); they must all be 8, and the layer then runs with the symmetric zero of the runtime.
 
+In merged and tensor-parallel layers every slice must be whole words and whole groups: each
+logical weight's (and each rank's) out features a multiple of 8, a row-parallel rank's in features
+a multiple of the group size; ``create_weights`` refuses other sizes before anything loads.
+
 ``process_weights_after_loading`` unpacks, transposes and repacks everything into the W4A16 runtime
 layout (``kernels/w4a16.py``) and deletes the checkpoint tensors; ``apply`` runs
 ``torch.ops.pymllm_fx.w4a16_linear``.
@@ -25,7 +29,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4
-from pymllm_fx.layers.parameter import register_param, replace_parameters
+from pymllm_fx.layers.parameter import rank_share, register_param, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import (
     check_config_keys,
@@ -103,22 +107,28 @@ class AWQLinearMethod(LinearMethodBase):
     ) -> None:
         where = getattr(layer, "prefix", "") or "layer"
         k, n = input_size_per_partition, sum(output_partition_sizes)
+        in_split = input_size != input_size_per_partition
+        out_split = n != output_size or len(output_partition_sizes) > 1
+        fix = "use a smaller tensor-parallel size or skip this layer" if in_split or out_split else "skip this layer"
         group = checkpoint_group(self.group_size, k)
         if k % group:
             raise ValueError(
-                f"{where}: awq needs in_features divisible by group_size, but in_features={k} and "
-                f"group_size={group}; skip this layer or use a checkpoint with a group size that divides {k}"
+                f"{where}: awq needs in_features divisible by group_size (each rank takes whole groups of scales "
+                f"and zeros), but {rank_share(layer, 'in_features', k, in_split)} and group_size={group}; "
+                f"{fix}, or use a checkpoint with a group size that divides {k}"
             )
         if k % PACK_FACTOR:
             raise ValueError(
-                f"{where}: awq runs with {PACK_FACTOR} input features per int32, but in_features={k} is not "
-                f"a multiple of {PACK_FACTOR}; skip this layer"
+                f"{where}: awq runs with {PACK_FACTOR} input features per int32, but "
+                f"{rank_share(layer, 'in_features', k, in_split)} is not a multiple of {PACK_FACTOR}; {fix}"
             )
-        for size in output_partition_sizes:
+        for i, size in enumerate(output_partition_sizes):
             if size % PACK_FACTOR:
+                # qweight / qzeros words hold 8 interleaved output features: a slice must be whole words.
+                name = "out_features" if len(output_partition_sizes) == 1 else f"out_features of logical weight {i}"
                 raise ValueError(
-                    f"{where}: awq packs {PACK_FACTOR} output features per int32, but out_features={size} is "
-                    f"not a multiple of {PACK_FACTOR}; skip this layer"
+                    f"{where}: awq packs {PACK_FACTOR} output features per int32 (qweight, qzeros), but "
+                    f"{rank_share(layer, name, size, out_split)} is not a multiple of {PACK_FACTOR}; {fix}"
                 )
         # One group per row is the same on every tensor-parallel rank: no input_dim to split along.
         group_input_dim = None if self.group_size == -1 else 0

@@ -22,6 +22,11 @@ Schemes and their checkpoint tensors (N = out features, K = in features):
   and packed the same way, but along the output dim.
 - ``weight_shape`` ``[N, K]``. The weight is ``(q - zero_point) * scale``.
 
+In merged and tensor-parallel layers a slice must be whole words and whole groups: a row-parallel
+rank's in features a multiple of ``32 / bits`` and of ``group_size``; with asymmetric zero points
+(packed along N, last word padded) each logical weight's and each rank's out features a multiple
+of ``32 / bits``. ``create_weights`` refuses other sizes before anything loads.
+
 4-bit runs on ``w4a16_linear``: the runtime layout packs eight 4-bit codes per int32 in the same
 order, and its symmetric zero point 8 is the format's offset, so ``weight_packed`` becomes
 ``qweight`` unchanged; asymmetric zero points become ``zero_point + 8``. A "channel" scale is
@@ -46,6 +51,7 @@ import torch
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups
 from pymllm_fx.layers.parameter import (
     default_weight_loader,
+    rank_share,
     register_param,
     replace_parameters,
     set_weight_attrs,
@@ -153,11 +159,39 @@ class PackedIntLinearMethod(LinearMethodBase):
     ) -> None:
         where = getattr(layer, "prefix", "") or "layer"
         n, k = sum(output_partition_sizes), input_size_per_partition
+        in_split = input_size != input_size_per_partition
+        out_split = n != output_size or len(output_partition_sizes) > 1
+        fix = "use a smaller tensor-parallel size or add this layer to skip" if in_split or out_split else "add this layer to skip"
         if self.num_bits == 4 and k % PACK_FACTOR:
             raise ValueError(
                 f"{where}: 4-bit weights run on w4a16_linear, which packs {PACK_FACTOR} input features per int32, "
-                f"but in_features={k} is not a multiple of {PACK_FACTOR}; add this layer to skip"
+                f"but {rank_share(layer, 'in_features', k, in_split)} is not a multiple of {PACK_FACTOR}; {fix}"
             )
+        # A row-parallel rank narrows weight_packed by whole words and weight_scale by whole groups: a
+        # word or a group that straddles two ranks cannot be split.
+        if in_split and k % self.per_word:
+            raise ValueError(
+                f"{where}: weight_packed holds {self.per_word} input features per int32, but "
+                f"{rank_share(layer, 'in_features', k, True)} is not a multiple of {self.per_word}; {fix}"
+            )
+        if in_split and self.strategy == "group" and k % self.group_size:
+            raise ValueError(
+                f"{where}: row-parallel layers give each rank whole groups of weight_scale, but "
+                f"{rank_share(layer, 'in_features', k, True)} is not a multiple of group_size={self.group_size}; "
+                f"use a tensor-parallel size that divides in_features={input_size} into multiples of "
+                f"{self.group_size}, or add this layer to skip"
+            )
+        if not self.symmetric and out_split:
+            # weight_zero_point packs per_word output rows per int32 (padding the last word), so a merged
+            # shard or a rank's slice must be whole words.
+            for i, size in enumerate(output_partition_sizes):
+                if size % self.per_word:
+                    name = "out_features" if len(output_partition_sizes) == 1 else f"out_features of logical weight {i}"
+                    raise ValueError(
+                        f"{where}: asymmetric weight_zero_point packs {self.per_word} output features per int32, "
+                        f"but {rank_share(layer, name, size, n != output_size)} is not a multiple of "
+                        f"{self.per_word}, so it cannot be split into shards or ranks; {fix}"
+                    )
         groups = num_groups(k, self.group_size) if self.strategy == "group" else 1
         loader = extra_weight_attrs.get("weight_loader", default_weight_loader)
         bits = f"{self.num_bits}-bit"

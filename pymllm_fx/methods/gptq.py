@@ -17,6 +17,14 @@ side by side, so at load the K dimension is permuted to sort ``g_idx`` (``perm``
 buffer) and ``apply`` permutes the activations the same way: ``x[..., perm] @ W[:, perm].T`` is
 ``x @ W.T``. 4-bit runs ``torch.ops.pymllm_fx.w4a16_linear``; 8-bit symmetric with one group per
 row runs ``torch.ops.pymllm_fx.w8a16_linear`` (codes ``q - 128``, one scale per output row).
+
+Merged and tensor-parallel layers: column-parallel ranks slice N of every tensor; each logical
+weight of a merged layer brings its own ``g_idx``, and they must be equal (they share the input).
+Row-parallel ranks take whole groups of K, so ``in_features / tp_size`` must be a multiple of
+``group_size`` (refused at ``create_weights`` otherwise). Act-order with the inputs split is
+refused too: its permutation spans the whole K, so each rank's contiguous slice holds part of every
+group in unequal numbers, which equal W4A16 groups cannot express exactly. ``static_groups``
+checkpoints keep ``g_idx`` sorted and split fine.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Any, List, Optional
 import torch
 
 from pymllm_fx.kernels.w4a16 import num_groups, pack_int4
-from pymllm_fx.layers.parameter import register_param, replace_parameters
+from pymllm_fx.layers.parameter import default_weight_loader, rank_share, register_param, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import (
     check_config_keys,
@@ -44,7 +52,7 @@ V1_ZERO_OFFSET = {4: 0x11111111, 8: 0x01010101}
 # Calibration-time settings of AutoGPTQ / GPTQModel / transformers GPTQConfig: they do not change
 # what the stored tensors mean.
 IGNORED_KEYS = (
-    "damp_percent", "damp_auto_increment", "static_groups", "true_sequential", "mse", "model_name_or_path",
+    "damp_percent", "damp_auto_increment", "true_sequential", "mse", "model_name_or_path",
     "model_file_base_name", "tokenizer", "dataset", "use_cuda_fp16", "model_seqlen", "block_name_to_quantize",
     "module_name_preceding_first_block", "batch_size", "pad_token_id", "use_exllama", "max_input_length",
     "exllama_config", "cache_block_outputs", "modules_in_block_to_quantize", "meta", "backend", "lm_head",
@@ -74,6 +82,9 @@ class GPTQLinearMethod(LinearMethodBase):
     sym: bool = True
     desc_act: bool = False
     checkpoint_format: str = "gptq"
+    # With act-order, static groups keep g_idx sorted (groups are fixed in the original input order),
+    # which is what lets such a layer split its inputs across tensor-parallel ranks.
+    static_groups: bool = False
 
     name = "gptq"
     # Loads an already-quantized checkpoint: there is no float weight to calibrate from, so
@@ -112,7 +123,9 @@ class GPTQLinearMethod(LinearMethodBase):
         where = getattr(layer, "prefix", "") or "layer"
         k, n, f = input_size_per_partition, sum(output_partition_sizes), self.pack_factor
         groups = num_groups(k, checkpoint_group(self.group_size, k))
-        partitioned = input_size != input_size_per_partition
+        in_split = input_size != input_size_per_partition
+        out_split = n != output_size or len(output_partition_sizes) > 1
+        fix = "use a smaller tensor-parallel size or skip this layer" if in_split or out_split else "skip this layer"
         if self.bits == 8 and groups > 1:
             raise NotImplementedError(
                 f"{where}: 8-bit grouped GPTQ (group_size={self.group_size}, {groups} groups over {k} inputs) is "
@@ -126,36 +139,49 @@ class GPTQLinearMethod(LinearMethodBase):
             )
         if k % f:
             raise ValueError(
-                f"{where}: gptq {self.bits}-bit packs {f} input features per int32, but in_features={k} is not a "
-                f"multiple of {f}; skip this layer"
+                f"{where}: gptq {self.bits}-bit packs {f} input features per int32, but "
+                f"{rank_share(layer, 'in_features', k, in_split)} is not a multiple of {f}; {fix}"
             )
-        for size in output_partition_sizes:
+        for i, size in enumerate(output_partition_sizes):
             if size % f:
+                name = "out_features" if len(output_partition_sizes) == 1 else f"out_features of logical weight {i}"
                 raise ValueError(
-                    f"{where}: gptq {self.bits}-bit packs {f} zero points per int32 along the outputs, but "
-                    f"out_features={size} is not a multiple of {f}; skip this layer"
+                    f"{where}: gptq {self.bits}-bit packs {f} zero points per int32 along the outputs (qzeros), but "
+                    f"{rank_share(layer, name, size, out_split)} is not a multiple of {f}; {fix}"
                 )
-        if partitioned and self.group_size != -1 and k % self.group_size:
+        if in_split and self.group_size != -1 and k % self.group_size:
             raise ValueError(
-                f"{where}: the tensor-parallel input slice of {k} features is not a whole number of groups of "
-                f"{self.group_size}; use a smaller tensor-parallel size"
+                f"{where}: row-parallel gptq gives each rank whole groups of scales and zeros, but "
+                f"{rank_share(layer, 'in_features', k, True)} is not a multiple of group_size={self.group_size}; "
+                f"use a tensor-parallel size that divides in_features={input_size} into multiples of "
+                f"{self.group_size}, or skip this layer"
             )
-        if partitioned and self.desc_act:
+        if in_split and self.desc_act and self.group_size != -1 and not self.static_groups:
+            # Act-order numbers the groups in a permutation of the whole K: this rank's contiguous slice
+            # of inputs holds a few members of nearly every group, in runs of unequal length, and the
+            # W4A16 layout (each rank's inputs sorted into equal groups) cannot hold that exactly.
             raise NotImplementedError(
-                f"{where}: act-order (desc_act) GPTQ with the inputs split across tensor-parallel ranks is not "
-                f"supported yet; run this layer unsplit (tp_size=1)"
+                f"{where}: act-order GPTQ (desc_act=true, group_size={self.group_size}) cannot be split along "
+                f"its inputs (row-parallel, tp_size={getattr(layer, 'tp_size', '?')}): its g_idx permutes all "
+                f"{input_size} inputs, so each rank's slice of {k} inputs mixes members of every group in "
+                f"unequal numbers, which the W4A16 kernel's equal contiguous groups cannot express. Keep this "
+                f"layer unsplit (tp_size=1 / replicated), or use a checkpoint made with desc_act=false or "
+                f"static_groups=true"
             )
         # One group per row is the same on every tensor-parallel rank: no input_dim to split along.
         group_input_dim = None if self.group_size == -1 else 0
 
-        def register(name: str, shape: tuple, dtype: torch.dtype, attrs: dict) -> None:
-            register_param(layer, name, torch.empty(shape, dtype=dtype), attrs, extra_weight_attrs)
+        def register(name: str, data: torch.Tensor, attrs: dict) -> None:
+            register_param(layer, name, data, attrs, extra_weight_attrs)
 
-        register("qweight", (k // f, n), torch.int32, dict(input_dim=0, output_dim=1, packed_dim=0, packed_factor=f))
-        register("qzeros", (groups, n // f), torch.int32,
+        register("qweight", torch.empty(k // f, n, dtype=torch.int32),
+                 dict(input_dim=0, output_dim=1, packed_dim=0, packed_factor=f))
+        register("qzeros", torch.empty(groups, n // f, dtype=torch.int32),
                  dict(input_dim=group_input_dim, output_dim=1, packed_dim=1, packed_factor=f))
-        register("scales", (groups, n), params_dtype, dict(input_dim=group_input_dim, output_dim=1))
-        register("g_idx", (k,), torch.int32, dict(input_dim=0))
+        register("scales", torch.empty(groups, n, dtype=params_dtype), dict(input_dim=group_input_dim, output_dim=1))
+        # -1: not loaded yet (a real group index is >= 0).
+        loader = _g_idx_loader(where, extra_weight_attrs.get("weight_loader", default_weight_loader))
+        register("g_idx", torch.full((k,), -1, dtype=torch.int32), dict(input_dim=0, weight_loader=loader))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Everything is computed and checked first; the layer changes only at the end.
@@ -174,21 +200,28 @@ class GPTQLinearMethod(LinearMethodBase):
         # g_idx: which group each input feature belongs to. On a tensor-parallel rank it counts groups
         # of the whole layer, so this rank's first group is subtracted.
         g_idx = layer.g_idx.data.long()
+        split_note = ""
         if self.group_size != -1 and input_is_split(layer):
-            g_idx = g_idx - layer.tp_rank * stored_groups
+            first = layer.tp_rank * stored_groups
+            g_idx = g_idx - first
+            split_note = (
+                f" (tensor-parallel rank {layer.tp_rank} of {layer.tp_size} holds the layer's groups [{first}, "
+                f"{first + stored_groups}); an act-order g_idx reaches outside them and cannot be split along "
+                f"the inputs: keep this layer unsplit)"
+            )
         if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= stored_groups):
             raise ValueError(
                 f"{where}: tensor 'g_idx' has group indices in [{int(g_idx.min())}, {int(g_idx.max())}] but the "
-                f"layer has {stored_groups} groups (valid range [0, {stored_groups})); the checkpoint's g_idx "
-                f"does not match its scales, or group_size={self.group_size} is not the one it was made with"
+                f"layer has {stored_groups} groups (valid range [0, {stored_groups})){split_note}; the checkpoint's "
+                f"g_idx does not match its scales, or group_size={self.group_size} is not the one it was made with"
             )
         perm = torch.sort(g_idx, stable=True).indices
         expected = torch.arange(k, device=g_idx.device) // group
         if not torch.equal(g_idx[perm], expected):
             raise ValueError(
                 f"{where}: tensor 'g_idx' does not split the {k} inputs into groups of {group} (group sizes "
-                f"{torch.bincount(g_idx, minlength=stored_groups).tolist()[:8]}...); the W4A16 layout needs "
-                f"equal groups: check group_size={self.group_size} against the checkpoint"
+                f"{torch.bincount(g_idx, minlength=stored_groups).tolist()[:8]}...){split_note}; the W4A16 layout "
+                f"needs equal groups: check group_size={self.group_size} against the checkpoint"
             )
         if torch.equal(perm, torch.arange(k, device=perm.device)):
             perm = None  # groups already in order (no act-order, or static groups)
@@ -250,7 +283,8 @@ class GPTQLinearMethod(LinearMethodBase):
     def from_config(cls, config: dict) -> "GPTQLinearMethod":
         """From an HF ``quantization_config`` or AutoGPTQ / GPTQModel ``quantize_config.json`` dict."""
         check_config_keys(
-            cls.name, config, ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "format") + IGNORED_KEYS
+            cls.name, config, ("bits", "group_size", "sym", "desc_act", "static_groups", "checkpoint_format", "format")
+            + IGNORED_KEYS
         )
         if config.get("is_marlin_format"):
             raise ValueError("gptq: is_marlin_format=true checkpoints use the Marlin layout, which is not supported")
@@ -267,7 +301,26 @@ class GPTQLinearMethod(LinearMethodBase):
             sym=bool(config.get("sym", True)),
             desc_act=bool(config.get("desc_act", False)),
             checkpoint_format=str(next(iter(formats), "gptq")),
+            static_groups=bool(config.get("static_groups", False)),
         )
+
+
+def _g_idx_loader(where: str, layer_loader):
+    """``g_idx`` runs along the input, which the logical weights of a merged layer share: each shard's
+    copy (``q_proj.g_idx``, ``k_proj.g_idx``, ...) loads whole and must equal the ones before it."""
+
+    def load(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        before = param.data.clone()
+        layer_loader(param, loaded)  # no shard id: row-parallel layers narrow it to this rank's inputs
+        if shard_id is not None and bool((before >= 0).all()) and not torch.equal(before, param.data):
+            param.data.copy_(before)
+            raise ValueError(
+                f"{where}: tensor 'g_idx' of shard {shard_id!r} differs from the g_idx of a shard loaded "
+                f"before it; the fused layer has one input order, so its weights must share one act-order "
+                f"(they were quantized with different orders). Load them as separate, unfused layers"
+            )
+
+    return load
 
 
 def input_is_split(layer: torch.nn.Module) -> bool:
