@@ -34,9 +34,10 @@ repeated over groups of 128 (exact). 8-bit symmetric "channel" runs on ``w8a16_l
 
 ``float-quantized`` (or ``naive-quantized``) e4m3 weights with e4m3 activations: see
 ``fp8_checkpoint.py`` (``weight``, ``weight_scale`` per tensor or channel, ``input_scale`` when
-static).
+static; strategy "block" (the FP8_BLOCK preset): ``weight_scale`` one per ``block_structure``
+block, activations dynamic per token and group of the block's K size).
 
-Anything else (int8 activations, fp8 weight-only, block or tensor-group strategies, activation
+Anything else (int8 activations, fp8 weight-only, tensor-group strategies, activation
 ordering by group, sparsity, transforms, kv-cache schemes) raises NotImplementedError naming it.
 """
 
@@ -456,15 +457,9 @@ def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str
         raise NotImplementedError(f"{where}: float weights load from format 'float-quantized', not {fmt!r}")
     if weights["num_bits"] != 8 or not weights["symmetric"] or weights["dynamic"]:
         raise NotImplementedError(f"{where}: float weights load only as static symmetric 8-bit (e4m3)")
-    if weights["strategy"] == "block":
+    if weights["strategy"] not in ("tensor", "channel", "block"):
         raise NotImplementedError(
-            f"{where}: block-wise fp8 weight scales (block_structure {weights['block_structure']}) are not "
-            f"supported yet: each block has its own scale, which the per-channel fp8_linear op cannot hold "
-            f"exactly, and requantizing would change the weights"
-        )
-    if weights["strategy"] not in ("tensor", "channel"):
-        raise NotImplementedError(
-            f"{where}: fp8 weight strategy {weights['strategy']!r} is not supported; use 'tensor' or 'channel'"
+            f"{where}: fp8 weight strategy {weights['strategy']!r} is not supported; use 'tensor', 'channel' or 'block'"
         )
     if acts is None:
         raise NotImplementedError(
@@ -473,6 +468,16 @@ def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str
         )
     if acts["type"] != "float" or acts["num_bits"] != 8 or not acts["symmetric"]:
         raise NotImplementedError(f"{where}: fp8 weights need symmetric 8-bit float input_activations")
+    if weights["strategy"] == "block":
+        method = Fp8CheckpointLinearMethod.for_blocks(weights["block_structure"], scale_name="weight_scale")
+        group = method.weight_block_size[1]
+        if not acts["dynamic"] or acts["strategy"] != "group" or acts["group_size"] != group:
+            raise NotImplementedError(
+                f"{where}: block-wise fp8 weights (block_structure {weights['block_structure']}) run with dynamic "
+                f"input_activations of strategy 'group', group_size {group} (the FP8_BLOCK scheme); this scheme has "
+                f"strategy {acts['strategy']!r}, group_size {acts['group_size']}, dynamic={acts['dynamic']}"
+            )
+        return method
     if acts["dynamic"] and acts["strategy"] in ("token", "tensor"):
         scheme, strategy = "dynamic", acts["strategy"]
     elif not acts["dynamic"] and acts["strategy"] == "tensor":

@@ -18,10 +18,17 @@ have no op yet: they run :func:`fp8_linear_per_tensor_act`, plain torch with the
 numerics (exact in float32; compiles without graph breaks, but on a GPU it dequantizes the
 weight on every call).
 
-Block-wise checkpoints (``weight_block_size`` ``[128, 128]``, DeepSeek-V3's ``weight_scale_inv``
-of shape ``(ceil(N/128), ceil(K/128))``) are refused with NotImplementedError: a scale that
-changes along K cannot be written as one scale per row without requantizing, which would change
-the weights.
+Block-wise checkpoints (DeepSeek-V3 style, ``weight_block_size`` ``[128, 128]``, dynamic
+activations only) store, instead of ``weight_scale``:
+
+- ``weight_scale_inv`` float32 ``(ceil(N/128), ceil(K/128))``, one scale per 128x128 weight block;
+  despite the name it multiplies: the weight is ``weight[n, k] * weight_scale_inv[n//128, k//128]``.
+  compressed-tensors' ``block`` strategy stores the same tensor as ``weight_scale``.
+
+They run ``torch.ops.pymllm_fx.fp8_block_linear`` (activations quantized per token per group of
+128 along K). A scale row covers 128 output rows, so a merged layer's shards and a
+tensor-parallel rank's slice must start on a block boundary: ``create_weights`` refuses sizes
+that are not multiples of the block.
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from pymllm_fx.kernels.fp8_block import block_scale_shape, check_block_size
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX
 from pymllm_fx.layers.parameter import (
     create_float_weight,
+    default_weight_loader,
     register_param,
     replace_parameters,
 )
@@ -82,6 +91,26 @@ def per_tensor_scale_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id:
         param.data[index] = loaded.reshape(()).to(param.dtype)
 
 
+def explain_errors(where: str, loader, hint: str):
+    """Wrap a weight loader so that a shape error names the layer and says what the shape means."""
+
+    def load(param: torch.Tensor, loaded: torch.Tensor, *shard_id: Any) -> None:
+        try:
+            loader(param, loaded, *shard_id)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}; {hint}") from None
+
+    return load
+
+
+def parse_block_size(value: Any) -> Tuple[int, int]:
+    """``[rows, cols]`` (HF ``weight_block_size``, compressed-tensors ``block_structure``) or the
+    older compressed-tensors string ``"128x128"``, checked as the block op needs it."""
+    if isinstance(value, str) and re.fullmatch(r"\d+x\d+", value):
+        value = [int(v) for v in value.split("x")]
+    return check_block_size("fp8 checkpoint: weight_block_size", value)
+
+
 def check_finite(where: str, name: str, t: torch.Tensor, positive: bool = False) -> None:
     """Refuse NaN/Inf scales (and non-positive ones where they divide), naming layer and tensor."""
     bad = ~torch.isfinite(t)
@@ -115,11 +144,16 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
     # "dynamic": a scale per token at run time (the op); "static": the checkpoint's input_scale.
     activation_scheme: str = "dynamic"
     # "token" (dynamic only: the op) or "tensor" (one scale for the whole input); None picks
-    # "tensor" for static and "token" for dynamic activations.
+    # "tensor" for static and "token" for dynamic activations ("group" with block scales).
     activation_strategy: Optional[str] = None
-    # "tensor": one weight scale per logical weight; "channel": one per output row.
+    # "tensor": one weight scale per logical weight; "channel": one per output row; "block" is
+    # set from weight_block_size.
     weight_strategy: str = "tensor"
+    # (rows, cols) of the weight blocks that share one scale; None: per-tensor or per-channel scales.
     weight_block_size: Optional[Tuple[int, int]] = None
+    # The checkpoint's name for the block scales: "weight_scale_inv" (HF/DeepSeek), "weight_scale"
+    # (compressed-tensors).
+    block_scale_name: str = "weight_scale_inv"
     # Layers the checkpoint left in float (vLLM ignored_layers, transformers modules_to_not_convert).
     ignored_layers: Tuple[str, ...] = ()
 
@@ -127,17 +161,14 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
     prequantized = True  # loads a checkpoint; quantize() without weights= is refused
 
     def __post_init__(self) -> None:
-        if self.weight_block_size is not None:
-            raise NotImplementedError(
-                f"fp8 checkpoint: block-wise weight scales (weight_block_size={list(self.weight_block_size)}, "
-                f"tensors 'weight_scale_inv') are not supported yet. Each block has its own scale, which the "
-                f"per-channel fp8_linear op cannot hold exactly, and requantizing would change the weights; "
-                f"it needs a block-scaled fp8 op with per-token-group activation scales"
-            )
         if self.activation_scheme not in ("dynamic", "static"):
             raise ValueError(
                 f"fp8 checkpoint: activation_scheme {self.activation_scheme!r} is not 'dynamic' or 'static'"
             )
+        self.ignored_layers = tuple(self.ignored_layers or ())
+        if self.weight_block_size is not None:
+            self._check_block_config()
+            return
         if self.activation_strategy is None:
             self.activation_strategy = "tensor" if self.activation_scheme == "static" else "token"
         if self.activation_strategy not in ("token", "tensor"):
@@ -150,7 +181,35 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             )
         if self.weight_strategy not in ("tensor", "channel"):
             raise ValueError(f"fp8 checkpoint: weight_strategy {self.weight_strategy!r} is not 'tensor' or 'channel'")
-        self.ignored_layers = tuple(self.ignored_layers or ())
+
+    def _check_block_config(self) -> None:
+        """Block scales pair with per-token-group dynamic activations, the only scheme such
+        checkpoints are saved with (vLLM refuses the others too)."""
+        self.weight_block_size = parse_block_size(self.weight_block_size)
+        block = list(self.weight_block_size)
+        if self.activation_scheme != "dynamic":
+            raise ValueError(
+                f"fp8 checkpoint: block-wise weight scales (weight_block_size={block}) run with dynamic "
+                f"activations, one scale per token per {block[1]} input features, but activation_scheme is "
+                f"{self.activation_scheme!r}; set activation_scheme 'dynamic' (block-wise checkpoints have no input_scale)"
+            )
+        if self.activation_strategy not in (None, "group"):
+            raise ValueError(
+                f"fp8 checkpoint: block-wise weight scales (weight_block_size={block}) quantize activations per "
+                f"token group; activation_strategy {self.activation_strategy!r} must be 'group' or None"
+            )
+        if self.weight_strategy not in ("tensor", "block"):  # "tensor" is the field's default
+            raise ValueError(
+                f"fp8 checkpoint: weight_block_size={block} means one weight scale per block; "
+                f"weight_strategy {self.weight_strategy!r} contradicts it (use 'block')"
+            )
+        self.activation_strategy, self.weight_strategy = "group", "block"
+
+    @classmethod
+    def for_blocks(cls, block_size: Any, scale_name: str = "weight_scale_inv") -> "Fp8CheckpointLinearMethod":
+        """Block-wise fp8 layers with dynamic per-token-group activations, e.g. compressed-tensors'
+        strategy "block" (its ``block_structure``, ``scale_name="weight_scale"``)."""
+        return cls(activation_scheme="dynamic", weight_block_size=block_size, block_scale_name=scale_name)
 
     def create_weights(
         self,
@@ -176,6 +235,10 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
 
         per_tensor = {"weight_loader": per_tensor_scale_loader}
         register("weight", torch.empty(n, k, dtype=FP8_DTYPE), {"input_dim": 1, "output_dim": 0})
+        if self.weight_strategy == "block":
+            self._check_block_shards(layer, k, output_partition_sizes, input_size, output_size)
+            self._register_block_scale(layer, n, k, extra_weight_attrs)
+            return
         # Scales start as NaN, so an entry no checkpoint tensor filled is caught after loading.
         if self.weight_strategy == "tensor":
             register("weight_scale", torch.full((shards,), float("nan")), per_tensor)
@@ -184,10 +247,53 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         if self.activation_scheme == "static":
             register("input_scale", torch.full((shards,), float("nan")), per_tensor)
 
+    def _register_block_scale(self, layer, n: int, k: int, extra_weight_attrs: dict) -> None:
+        """The ``(ceil(n/bn), ceil(k/bk))`` block scales, NaN until loaded, with a loader whose
+        shape errors say what the shape means."""
+        bn, bk = self.weight_block_size
+        rows, cols = block_scale_shape(n, k, self.weight_block_size)
+        hint = (
+            f"{self.block_scale_name!r} holds one scale per {bn}x{bk} weight block, shape "
+            f"(ceil(N/{bn}), ceil(K/{bk})) = ({rows}, {cols}) for this layer's ({n}, {k}) weight: the checkpoint's "
+            f"weight_block_size differs from the config's, or the tensor is not a block scale"
+        )
+        loader = extra_weight_attrs.get("weight_loader", default_weight_loader)
+        where = getattr(layer, "prefix", "") or "layer"
+        # bn output rows share a scale row: as a "packed" dim, the merged-layer loaders turn a
+        # shard's row offset and size into block rows (_check_block_shards made them divide).
+        attrs = {"output_dim": 0, "input_dim": 1, "packed_dim": 0, "packed_factor": bn}
+        attrs["weight_loader"] = explain_errors(where, loader, hint)
+        register_param(layer, self.block_scale_name, torch.full((rows, cols), float("nan")), attrs, extra_weight_attrs)
+
+    def _check_block_shards(self, layer, k: int, output_partition_sizes: List[int], input_size: int, output_size: int) -> None:
+        """A merged layer's shards and a tensor-parallel slice must start on a block boundary: each
+        loads whole rows (or columns) of the block scales. One unsplit layer may end mid-block."""
+        where = getattr(layer, "prefix", "") or "layer"
+        bn, bk = self.weight_block_size
+        if k != input_size and k % bk:
+            raise ValueError(
+                f"{where}: this tensor-parallel rank holds {k} of the {input_size} input features, which is not a "
+                f"multiple of the {bk}-wide weight blocks, so its columns of {self.block_scale_name!r} would cut "
+                f"blocks; use a tensor-parallel size that gives every rank a multiple of {bk} input features"
+            )
+        split = len(output_partition_sizes) > 1 or sum(output_partition_sizes) != output_size
+        uneven = [size for size in output_partition_sizes if size % bn]
+        if split and uneven:
+            raise ValueError(
+                f"{where}: output shards {output_partition_sizes} (merged projections such as q/k/v or gate/up, "
+                f"or a tensor-parallel slice) must each be a multiple of the {bn}-row weight blocks, found {uneven}, "
+                f"so each loads whole rows of {self.block_scale_name!r}; keep these projections as separate "
+                f"layers, or use a tensor-parallel size that keeps every slice a multiple of {bn} rows"
+            )
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if layer.weight.dtype != FP8_DTYPE:
             return  # an ignored layer: its float weight runs as it is
         where = getattr(layer, "prefix", "") or "layer"
+        if self.weight_strategy == "block":
+            # The op runs on the checkpoint's layout as loaded; only unfilled or corrupt scales stop it.
+            check_finite(where, self.block_scale_name, getattr(layer, self.block_scale_name).data)
+            return
         scale = layer.weight_scale.data.float()
         check_finite(where, "weight_scale", scale)
         if self.weight_strategy == "tensor":
@@ -209,6 +315,10 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         if layer.weight.dtype != FP8_DTYPE:
             return F.linear(x, layer.weight, bias)
+        if self.weight_strategy == "block":
+            return torch.ops.pymllm_fx.fp8_block_linear(
+                x, layer.weight, getattr(layer, self.block_scale_name), list(self.weight_block_size), bias
+            )
         if self.activation_scheme == "dynamic" and self.activation_strategy == "token":
             return torch.ops.pymllm_fx.fp8_linear(x, layer.weight, layer.weight_scale, bias)
         input_scale = layer.input_scale if self.activation_scheme == "static" else None
@@ -217,6 +327,9 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
     def describe(self, layer: torch.nn.Module) -> str:
         if layer.weight.dtype != FP8_DTYPE:
             return "unquantized (ignored by the checkpoint)"
+        if self.weight_strategy == "block":
+            bn, bk = self.weight_block_size
+            return f"W8A8 e4m3 checkpoint, {bn}x{bk} block weight scales, per-token-group (1x{bk}) dynamic act"
         act = {
             ("dynamic", "token"): "per-token dynamic act",
             ("dynamic", "tensor"): "per-tensor dynamic act",
@@ -237,12 +350,9 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             raise NotImplementedError(
                 f"fp8 checkpoint: fmt {fmt!r} is not supported; only e4m3 (float8_e4m3fn) weights load"
             )
-        scheme = config.get("activation_scheme", "dynamic")
-        block = config.get("weight_block_size")
         ignored = tuple(config.get("ignored_layers") or ()) + tuple(config.get("modules_to_not_convert") or ())
         return cls(
-            activation_scheme=scheme,
-            weight_strategy="tensor",
-            weight_block_size=None if block is None else tuple(block),
+            activation_scheme=config.get("activation_scheme", "dynamic"),
+            weight_block_size=config.get("weight_block_size"),
             ignored_layers=ignored,
         )

@@ -417,9 +417,10 @@ def test_config_errors(config, error, pattern):
 
 
 def test_fp8_config_errors():
-    block = fp8_config()
+    block = fp8_config()  # per-token activations: FP8_BLOCK quantizes them per group of 128
     block["config_groups"]["group_0"]["weights"].update(strategy="block", block_structure=[128, 128])
-    with pytest.raises(NotImplementedError, match=r"block-wise fp8 weight scales \(block_structure \[128, 128\]\)"):
+    with pytest.raises(NotImplementedError, match=r"block-wise fp8 weights \(block_structure \[128, 128\]\) run with "
+                                                  r"dynamic input_activations of strategy 'group'"):
         CompressedTensorsLinearMethod.from_config(block)
     weight_only = fp8_config()
     weight_only["config_groups"]["group_0"]["input_activations"] = None
@@ -441,3 +442,24 @@ def test_strategy_inferred_from_group_size():
     group = _with_weights(strategy=None, group_size=64)
     assert CompressedTensorsLinearMethod.from_config(channel).targets["Linear"][1] == PackedIntLinearMethod(4, "channel", None, True)
     assert CompressedTensorsLinearMethod.from_config(group).targets["Linear"][1] == PackedIntLinearMethod(4, "group", 64, True)
+
+
+def test_fp8_block_preset_loads_and_matches_the_block_definition():
+    """FP8_BLOCK: e4m3 weight, one ``weight_scale`` per 128x128 block, activations per token and group of 128."""
+    from pymllm_fx.kernels.fp8_block import dequantize_fp8_block, quantize_fp8_per_token_group
+
+    seed("fp8-block")
+    config = fp8_config(weight_strategy="block", act_strategy="group")
+    config["config_groups"]["group_0"]["weights"]["block_structure"] = [128, 128]
+    config["config_groups"]["group_0"]["input_activations"]["group_size"] = 128
+    method = CompressedTensorsLinearMethod.from_config(config)
+    n, k = 200, 256
+    weight = (torch.randn(n, k) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(2, 2) * 0.01 + 0.001
+    layer = build_layer(method, k, n, {"weight": weight, "weight_scale": scale})
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(3, k)
+    xq, xs = quantize_fp8_per_token_group(x, 128)
+    x_deq = (xq.double().view(3, 2, 128) * xs.double()[..., None]).view(3, k)
+    expected = x_deq @ dequantize_fp8_block(weight, scale, (128, 128)).double().t()
+    assert rel_err(layer(x), expected) <= 1e-5
