@@ -37,6 +37,10 @@ class LinearSite:
     swappable: bool = True
     reason: str = ""  # why not swappable
     from_graph: bool = True
+    # Tensor-parallel role read from the dataflow: "column" (shard the outputs: a row-parallel
+    # layer consumes them), "row" (shard the inputs, all-reduce), or "replicated".
+    parallel: str = "replicated"
+    head_dim: Optional[int] = None  # when the output is viewed as heads right away (q/k/v)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -72,7 +76,8 @@ def _strip_views(node: Any) -> Any:
 
 
 def _linear_calls(program: torch.export.ExportedProgram):
-    """Yield (weight name, calling module path, activation node, weight stored (in, out)?) per matmul with a parameter."""
+    """Yield (weight name, calling module path, activation node, weight stored (in, out)?, the call's node)
+    per matmul with a parameter."""
     to_param = program.graph_signature.inputs_to_parameters
 
     def param_of(node):
@@ -99,7 +104,7 @@ def _linear_calls(program: torch.export.ExportedProgram):
         if name is not None:
             stack = node.meta.get("nn_module_stack") or {}
             caller = list(stack.values())[-1][0] if stack else ""
-            yield name, caller, _strip_views(x), in_out != transposed
+            yield name, caller, _strip_views(x), in_out != transposed, node
 
 
 def _from_graph(model: nn.Module, program: torch.export.ExportedProgram) -> List[LinearSite]:
@@ -107,12 +112,14 @@ def _from_graph(model: nn.Module, program: torch.export.ExportedProgram) -> List
     params = dict(model.named_parameters(remove_duplicate=False))
     sites: Dict[str, LinearSite] = {}
     consumers: Dict[str, List[str]] = {}
-    for weight_name, caller, source, in_out in _linear_calls(program):
+    calls: List[Tuple[torch.fx.Node, str]] = []
+    for weight_name, caller, source, in_out, call in _linear_calls(program):
         # A tied weight reaches the graph under one of its names: take the one the caller owns.
         names = aliases.get(id(params[weight_name]), [weight_name])
         owned = [n for n in names if n.rpartition(".")[0] == caller]
         weight_name = owned[0] if owned else weight_name
         path, _, leaf = weight_name.rpartition(".")
+        calls.append((call, weight_name))
         if weight_name in sites:
             sites[weight_name].calls += 1
             continue
@@ -131,7 +138,97 @@ def _from_graph(model: nn.Module, program: torch.export.ExportedProgram) -> List
     for group in consumers.values():
         for name in group:
             sites[name].siblings = tuple(sites[other].path for other in group if other != name)
+    for name, style in _parallel_styles(program, calls, sites).items():
+        sites[name].parallel = style
+    for call, name in calls:
+        sites[name].head_dim = sites[name].head_dim or _head_dim(call, sites[name].out_features)
     return list(sites.values())
+
+
+# Ops that mix all the features of their input. A column-parallel output must not reach one while
+# its last dim is still the whole sharded feature dim (a norm over all of q, a split of a fused
+# q/k/v by the full sizes): each rank would see only its slice. Per-head ops (a norm over the
+# head dim after a view into heads) are fine, and told apart by the size of the last dim.
+_MIXING_OPS = {
+    aten.mean.dim, aten.sum.dim_IntList, aten.var.correction, aten.var_mean.correction, aten.std.correction,
+    aten.amax.default, aten.amin.default, aten.max.dim, aten.argmax.default, aten.layer_norm.default,
+    aten.native_layer_norm.default, aten._softmax.default, aten.softmax.int, aten.split.Tensor,
+    aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int, aten.slice.Tensor, aten.select.int,
+    aten.index_select.default, aten.gather.default, aten.cumsum.default,
+}
+
+
+def _parallel_styles(
+    program: torch.export.ExportedProgram, calls: List[Tuple[torch.fx.Node, str]], sites: Dict[str, LinearSite]
+) -> Dict[str, str]:
+    """Column / row / replicated per site, from which linear outputs reach which linear inputs.
+
+    Sharded-ness flows forward from each candidate column layer's output through every op. A
+    linear whose input carries it is row-parallel (its all-reduced output is whole again). A
+    column output that reaches a feature-mixing op or the graph's output cannot stay sharded:
+    that layer is replicated, and the flow is recomputed until nothing changes.
+    """
+    site_of = dict(calls)
+    replicated = {name for name, site in sites.items() if not site.swappable}
+    while True:
+        carried: Dict[torch.fx.Node, frozenset] = {}
+        rows: set = set()
+        fed: set = set()
+        demote: set = set()
+        for node in program.graph.nodes:
+            inputs = frozenset().union(*(carried.get(arg, frozenset()) for arg in node.all_input_nodes))
+            name = site_of.get(node)
+            if name is not None:
+                if inputs and name in replicated:
+                    demote |= inputs  # a whole-input layer cannot take a sharded input
+                elif inputs:
+                    rows.add(name)
+                    fed |= inputs
+                carried[node] = frozenset() if (inputs or name in replicated) else frozenset({name})
+                continue
+            if inputs and (node.op == "output" or _mixes_features(node, inputs, sites)):
+                demote |= inputs
+                inputs = frozenset()  # those layers will be whole: what follows is not sharded
+            carried[node] = inputs
+        # A layer called both on a sharded and on a whole input (shared weights) cannot be either.
+        whole_input = {name for node, name in calls if not any(carried.get(a) for a in node.all_input_nodes)}
+        demote |= rows & whole_input
+        if demote <= replicated:
+            break
+        replicated |= demote
+    return {name: "row" if name in rows else "column" if name in fed else "replicated" for name in sites}
+
+
+def _mixes_features(node: torch.fx.Node, inputs: frozenset, sites: Dict[str, LinearSite]) -> bool:
+    if node.op != "call_function" or node.target not in _MIXING_OPS or not node.args:
+        return False
+    source = node.args[0]
+    value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+    if value is None or not hasattr(value, "shape") or value.dim() == 0:
+        return True  # unknown shape: assume the worst
+    last = value.shape[-1]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    if node.target in (aten.slice.Tensor, aten.select.int, aten.index_select.default, aten.gather.default,
+                       aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.cumsum.default):
+        dim = node.args[2] if node.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default) and len(node.args) > 2 else dim
+        if node.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default) and len(node.args) <= 2:
+            dim = 0
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    touches_last = any(isinstance(d, int) and d % value.dim() == value.dim() - 1 for d in dims) or node.target in (
+        aten.layer_norm.default, aten.native_layer_norm.default)
+    return touches_last and any(last == sites[name].out_features for name in inputs)
+
+
+def _head_dim(call: torch.fx.Node, out_features: int) -> Optional[int]:
+    """The head size when the linear's output is viewed straight into ``(..., heads, head_dim)``."""
+    for user in call.users:
+        if user.op == "call_function" and user.target in _VIEW_OPS:
+            value = user.meta.get("val")
+            if value is not None and value.dim() > 1 and value.dim() > call.meta["val"].dim():
+                head_dim = int(value.shape[-1])
+                if 0 < head_dim < out_features and out_features % head_dim == 0:
+                    return head_dim
+    return None
 
 
 def _from_modules(model: nn.Module) -> List[LinearSite]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, TextIO, Tuple, Union
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pymllm_fx.layers.linear import ReplicatedLinear
+from pymllm_fx.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from pymllm_fx.loading import (
     CheckpointError,
     LoadTarget,
@@ -38,6 +39,7 @@ def quantize(
     device: Optional[Union[str, torch.device]] = None,
     example_inputs: Optional[Any] = None,
     progress: bool = True,
+    process_group: Optional[Any] = None,
 ) -> nn.Module:
     """Quantize every linear layer of ``model`` in place and return it.
 
@@ -47,9 +49,15 @@ def quantize(
     ``skip``: module-path patterns (fnmatch, matched against the path and its last name) or a
     predicate (returning True, or the reason as text); embeddings are never linears, and weights
     tied to another parameter are skipped.
+    ``process_group``: tensor parallelism over a torch.distributed group (default: the default
+    group when torch.distributed is initialized, else none). The graph decides each layer's role:
+    column-parallel where a row-parallel layer consumes its output (q/k/v, gate/up), row-parallel
+    (all-reduced) where its input is a column-parallel output (o_proj, down_proj), replicated
+    otherwise. Each rank keeps only its shard; embeddings, norms and skipped layers stay whole.
     On any error the model is left exactly as it was.
     """
     _check_model(model)
+    tp = tensor_parallel_position(process_group)
     skip = _normalize_skip(skip)
     quant_method = resolve(method)
     if getattr(quant_method, "prequantized", False) and weights is None:
@@ -70,8 +78,8 @@ def quantize(
         raise ValueError(f"every linear layer of {type(model).__name__} is skipped ({reasons}){already}; nothing to quantize")
 
     for site in plan:  # a dry run on meta: create_weights errors surface before any real work
-        _build_layer(site, quant_method, "meta")
-    build = functools.partial(_build_layer, quant_method=quant_method, device=device)
+        _build_layer(site, quant_method, "meta", tp)
+    build = functools.partial(_build_layer, quant_method=quant_method, device=device, tp=tp)
     if weights is None:
         layers = _quantize_own_weights(model, plan, build, progress)
     else:
@@ -89,6 +97,7 @@ def from_pretrained(
     dtype: Optional[torch.dtype] = None,
     skip: SkipSpec = DEFAULT_SKIP,
     progress: bool = True,
+    process_group: Optional[Any] = None,
 ) -> nn.Module:
     """A ready quantized transformers model from a local checkpoint directory, in eval mode.
 
@@ -98,11 +107,12 @@ def from_pretrained(
     model is ever allocated: peak memory is the quantized model plus one checkpoint tensor.
     Linears the checkpoint stores in float (its skipped layers) stay float. ``device`` defaults
     to CUDA when there is one; ``dtype`` (activations, embeddings, norms) to the config's.
+    ``process_group``: as for :func:`quantize`; each rank reads the checkpoint and keeps its shards.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, quant_method, skip = _open_checkpoint(Path(path), method, dtype, skip)
     materialize_buffers(model, device)
-    quantize(model, quant_method, weights=path, skip=skip, device=device, progress=progress)
+    quantize(model, quant_method, weights=path, skip=skip, device=device, progress=progress, process_group=process_group)
     generation = Path(path) / "generation_config.json"
     if generation.is_file() and getattr(model, "generation_config", None) is not None:
         from transformers import GenerationConfig
@@ -214,12 +224,42 @@ def _with_float_layers(skip: SkipSpec, tensors: Dict[str, Any]) -> Callable[[Lin
     return predicate
 
 
-def _build_layer(site: LinearSite, quant_method, device) -> nn.Module:
-    with torch.device(device if device is not None else site.device):
-        return ReplicatedLinear(
-            site.in_features, site.out_features, bias=site.bias, params_dtype=site.dtype,
-            quant_method=quant_method, prefix=site.path,
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in a tensor-parallel group (size 1: no parallelism)."""
+
+    group: Any = None
+    rank: int = 0
+    size: int = 1
+
+
+def tensor_parallel_position(process_group: Optional[Any] = None) -> TensorParallel:
+    """The group to shard over: the one given, else the default group if torch.distributed is up."""
+    import torch.distributed as dist
+
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return TensorParallel()
+        process_group = dist.group.WORLD
+    return TensorParallel(process_group, dist.get_rank(process_group), dist.get_world_size(process_group))
+
+
+def _build_layer(site: LinearSite, quant_method, device, tp: TensorParallel = TensorParallel()) -> nn.Module:
+    common = dict(bias=site.bias, params_dtype=site.dtype, quant_method=quant_method, prefix=site.path)
+    style = site.parallel if tp.size > 1 else "replicated"
+    if style == "column" and site.head_dim and (site.out_features // site.head_dim) % tp.size:
+        raise ValueError(
+            f"{site.path}: its {site.out_features // site.head_dim} heads of {site.head_dim} cannot be split evenly "
+            f"over tensor-parallel size {tp.size} (replicating key/value heads of separate k/v projections is not "
+            f"supported); use a tensor-parallel size that divides the number of key/value heads"
         )
+    with torch.device(device if device is not None else site.device):
+        if style == "column":
+            return ColumnParallelLinear(site.in_features, site.out_features, tp_rank=tp.rank, tp_size=tp.size, **common)
+        if style == "row":
+            return RowParallelLinear(site.in_features, site.out_features, tp_rank=tp.rank, tp_size=tp.size,
+                                     process_group=tp.group, **common)
+        return ReplicatedLinear(site.in_features, site.out_features, **common)
 
 
 def _normalize_skip(skip: Optional[SkipSpec]) -> Union[Tuple[str, ...], Callable[[LinearSite], bool]]:

@@ -3,15 +3,15 @@
 Each layer asks its method to ``create_weights`` in ``__init__`` and calls ``apply`` in
 ``forward``; it owns the weight loaders, which place a checkpoint tensor (or one logical shard of
 it, for merged layers) into this tensor-parallel rank's slice of a parameter. The arithmetic is
-written for any ``tp_size``; with ``tp_size > 1`` a RowParallelLinear returns this rank's partial
-sum (the all-reduce is the caller's until process groups are wired in).
+written for any ``tp_size``; a RowParallelLinear given a process group all-reduces its output.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import Any, List, Optional, Union
 
 import torch
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.nn import Parameter
 
@@ -290,7 +290,12 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; the bias is added once, on rank 0."""
+    """Input features split across ranks; the bias is added once, on rank 0.
+
+    With a ``process_group`` the partial sums are all-reduced over it through torch's functional
+    collectives, which ``torch.compile`` traces into the graph (no graph break); without one the
+    layer returns this rank's partial sum.
+    """
 
     def __init__(
         self,
@@ -302,7 +307,9 @@ class RowParallelLinear(LinearBase):
         prefix: str = "",
         tp_rank: int = 0,
         tp_size: int = 1,
+        process_group: Optional[Any] = None,
     ) -> None:
+        self.process_group = process_group
         per_partition = _divide(input_size, tp_size, "input size", prefix)
         super().__init__(
             input_size, output_size, per_partition, [output_size], bias, params_dtype, quant_method,
@@ -324,4 +331,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        return self.quant_method.apply(self, x, bias)
+        out = self.quant_method.apply(self, x, bias)
+        if self.process_group is not None and self.tp_size > 1:
+            out = funcol.all_reduce(out, "sum", self.process_group)
+        return out

@@ -80,6 +80,13 @@ class Int4LinearMethod(LinearMethodBase):
                 f"int32, but in_features={input_size_per_partition} is not a multiple of {PACK_FACTOR}; "
                 f"skip this layer or use int8"
             )
+        if input_size != input_size_per_partition and input_size_per_partition % self.group_size:
+            raise ValueError(
+                f"{getattr(layer, 'prefix', '') or 'layer'}: row-parallel int4 gives each rank whole groups, but this "
+                f"rank's {input_size_per_partition} of {input_size} input features are not a multiple of "
+                f"group_size={self.group_size}; use a tensor-parallel size that divides {input_size} into multiples "
+                f"of {self.group_size}, a smaller group_size, or skip this layer"
+            )
         create_float_weight(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

@@ -1,0 +1,113 @@
+"""Tensor parallelism on CPU: gloo process groups of 2 and 4 ranks (torch.multiprocessing).
+
+Every rank builds the same tiny Llama, quantizes it with ``process_group`` = the default group,
+and must produce the logits of the unsharded quantized model; shard shapes and the refusal of a
+group size that does not divide a rank's inputs are checked in the same processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pymllm_fx
+from pymllm_fx.layers.linear import ColumnParallelLinear, RowParallelLinear
+from checks import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+# 8 query heads and 4 key/value heads of 16: every projection splits into whole heads at tp 2 and 4.
+CONFIG = dict(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+              intermediate_size=256, head_dim=16)
+METHODS = {"none": "none", "int8": "int8", "int4": {"quant_method": "int4", "group_size": 32}, "fp8": "fp8"}
+# Sharded sums round differently from one matmul (1e-5). Calibrating a row-parallel layer from
+# float weights, int8 and fp8 take each output row's scale over this rank's slice of the inputs
+# (as vLLM's online quantization does per shard), a slightly different rounding than over the
+# whole row; int4's groups lie inside one rank, so it is the same quantization.
+TOL = {"none": 1e-5, "int8": 1e-2, "int4": 1e-5}
+# fp8 also quantizes each rank's slice of the activations with its own per-token scale (as TP
+# engines do), so its rounding noise is a different draw of the same size: tp=N must be as close
+# to the float model as tp=1 is (its error at most 1.25x tp=1's), not equal to tp=1.
+FP8_NOISE_RATIO = 1.25
+
+
+def build(seed: int = 0):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _worker(rank: int, world: int, port: int, expected: dict, errors) -> None:
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        float_model = build()
+        for name, method in METHODS.items():
+            model = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)
+            attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+            assert isinstance(attn.q_proj, ColumnParallelLinear) and isinstance(mlp.up_proj, ColumnParallelLinear)
+            assert isinstance(attn.o_proj, RowParallelLinear) and isinstance(mlp.down_proj, RowParallelLinear)
+            assert type(model.lm_head) is torch.nn.Linear  # skipped: whole on every rank
+            if name == "int4":  # packed shards: 8 codes per int32 along K, groups of 32
+                assert tuple(attn.k_proj.qweight.shape) == (64 // world, 128 // 8)
+                assert tuple(mlp.down_proj.qweight.shape) == (128, 256 // world // 8)
+                assert tuple(mlp.down_proj.scales.shape) == (128, 256 // world // 32)
+            with torch.no_grad():
+                logits = model(ids()).logits
+            if name == "fp8":
+                err, bound = rel_err(logits, expected["float"]), FP8_NOISE_RATIO * rel_err(expected[name], expected["float"])
+                assert err <= bound, f"fp8: tp={world} is {err:.2e} from the float model, tp=1 is {bound / FP8_NOISE_RATIO:.2e}"
+            else:
+                err = rel_err(logits, expected[name])
+                assert err <= TOL[name], f"{name}: tp={world} logits differ from tp=1 by {err:.2e}"
+            if name == "int4" and world == 2:  # every rank: the traced forward runs the collectives
+                explained = torch._dynamo.explain(model)(ids())
+                assert explained.graph_break_count == 0, explained.break_reasons
+        # A group size that does not divide a rank's inputs: refused before any weight is loaded.
+        torch.manual_seed(0)  # down_proj's 320 inputs: 160 or 80 a rank (o_proj's 128: 32 at tp 4)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CONFIG, "intermediate_size": 320})).eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        first = r"self_attn\.o_proj\b.*rank's 32 of 128" if world == 4 else r"mlp\.down_proj\b.*rank's 160 of 320"
+        with pytest.raises(ValueError, match=rf"{first} input features are not a multiple of group_size=64"):
+            pymllm_fx.quantize(model, {"quant_method": "int4", "group_size": 64}, progress=False)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        dist.barrier()
+    except BaseException:
+        errors.put(f"rank {rank}/{world}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_logits_match_one_rank(world):
+    float_model = build()
+    with torch.no_grad():
+        expected = {"float": float_model(ids()).logits}
+        for name, method in METHODS.items():
+            expected[name] = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)(ids()).logits
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    mp.start_processes(_worker, args=(world, _free_port(), expected, errors), nprocs=world, join=True,
+                       start_method="spawn")
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems, "\n".join(problems)
