@@ -36,6 +36,12 @@ its error and the run goes on.
     python benchmarks/e2e.py --methods bf16                 # on the GPU, one method per command
     python benchmarks/e2e.py --methods int4 --layers 4      # a quick run on a 4-layer model
     python benchmarks/e2e.py --tiny --device cpu --no-compile --methods bf16,int8,int4 --new-tokens 8
+    torchrun --nproc-per-node 2 benchmarks/e2e.py --tp 2 --methods bf16,int4   # tensor parallel, NCCL
+
+Under ``--tp N`` every rank holds its shards (pymllm_fx.quantize with the default process group;
+bf16 is sharded by the "none" method), rank 0 reports into ``results/e2e_tpN.json``, and the
+``logits`` part compares the logits of a fixed prompt with the same weights quantized whole on
+rank 0's GPU (tp 1).
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ from common import (
 )
 
 METHODS = ("bf16", "int8", "int4", "fp8", "torchao-int4")
-PHASES = ("prefill", "gen", "lean")
+PHASES = ("prefill", "gen", "lean", "logits")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "e2e.json"
 
 
@@ -108,13 +114,18 @@ def build_model(config, device: torch.device, seed: int) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def apply_method(model: nn.Module, method: str) -> nn.Module:
-    if method == "bf16":
-        return model
-    if method in ("int8", "int4", "fp8"):
-        import pymllm_fx
+def apply_method(model: nn.Module, method: str, group=None) -> nn.Module:
+    """``group``: a tensor-parallel process group (bf16 is then sharded by the "none" method); None
+    outside torch.distributed, False for a whole model inside it."""
+    import pymllm_fx
 
-        return pymllm_fx.quantize(model, method, progress=False)  # int4: group_size 128, asym (defaults)
+    if method == "bf16":
+        return model if not group else pymllm_fx.quantize(model, "none", progress=False, process_group=group)
+    if method in ("int8", "int4", "fp8"):
+        # int4: group_size 128, asym (the defaults)
+        return pymllm_fx.quantize(model, method, progress=False, process_group=group)
+    if group:
+        raise ValueError(f"{method}: no tensor-parallel version (pymllm_fx methods and bf16 only)")
     if method == "torchao-int4":
         from peers import apply_torchao_int4  # only this method needs torchao
 
@@ -262,6 +273,7 @@ def setup_key(args, config) -> Dict[str, Any]:
     """What must match for two results to be compared."""
     return {
         "tiny": args.tiny,
+        "tp": args.tp,
         "layers": config.num_hidden_layers,
         "hidden": config.hidden_size,
         "intermediate": config.intermediate_size,
@@ -273,6 +285,35 @@ def setup_key(args, config) -> Dict[str, Any]:
         "compile": args.compile,
         "lean_mode": args.lean_mode if args.compile else None,
     }
+
+
+def logits_prompt(config, args, device) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(args.seed + 3)).to(device)
+
+
+def reference_logits_tp1(model, method: str, args, config, device) -> Optional[torch.Tensor]:
+    """Under --tp, rank 0's logits of the same weights quantized whole on one GPU (tp 1)."""
+    if args.tp == 1 or "logits" not in args.parts or args.rank != 0:
+        return None
+    import copy
+
+    whole = apply_method(copy.deepcopy(model), method, group=False)
+    with torch.no_grad():
+        logits = whole(logits_prompt(config, args, device), use_cache=False).logits.float()
+    del whole
+    free(device)
+    return logits
+
+
+def phase_logits(model, reference: Optional[torch.Tensor], config, args, device) -> Dict[str, Any]:
+    """Eager logits of a fixed 64-token prompt; under --tp, their relative error against tp 1 (rank 0)."""
+    with torch.no_grad():
+        logits = model(logits_prompt(config, args, device), use_cache=False).logits.float()
+    out: Dict[str, Any] = {"logits_norm": logits.norm().item()}
+    if reference is not None:
+        out["logits_rel_err_vs_tp1"] = ((logits - reference).norm() / reference.norm()).item()
+        out["argmax_agree_vs_tp1"] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return out
 
 
 def run_method(method: str, args, config, device: torch.device) -> Dict[str, Any]:
@@ -297,7 +338,8 @@ def _run_method(method: str, args, config, device: torch.device, res: Dict[str, 
         res["build_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         inductor_before = torch._inductor.config.get_config_copy()
-        model = apply_method(model, method)
+        reference_logits = reference_logits_tp1(model, method, args, config, device)
+        model = apply_method(model, method, args.group)
         sync(device)
         res["quantize_s"] = time.perf_counter() - t0
         changed = {k: v for k, v in torch._inductor.config.get_config_copy().items() if inductor_before.get(k) != v}
@@ -322,7 +364,9 @@ def _run_method(method: str, args, config, device: torch.device, res: Dict[str, 
     for phase in args.parts:
         try:
             t0 = time.perf_counter()
-            if phase == "prefill":
+            if phase == "logits":
+                res.update(phase_logits(model, reference_logits, config, args, device))
+            elif phase == "prefill":
                 res.update(phase_prefill(model, args, device))
             elif phase == "gen":
                 out, tokens["gen"] = phase_gen(model, prompt, args, device)
@@ -430,7 +474,8 @@ def parse_args(argv=None):
     p.add_argument("--lean-mode", default="reduce-overhead", help="torch.compile mode of GreedyDecoder")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="eager everywhere: generate(disable_compile=True), GreedyDecoder(compile=False)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (only 1 for now)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size: run under `torchrun --nproc-per-node N` (NCCL, one GPU per rank)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file, merged per method")
     args = p.parse_args(argv)
@@ -451,12 +496,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.group, args.rank = None, 0
     if args.tp > 1:
-        raise NotImplementedError(
-            f"--tp {args.tp}: tensor-parallel decoding is not implemented yet (a later issue; it will run "
-            f"under torchrun). Run with --tp 1."
-        )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = init_tensor_parallel(args)
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -465,19 +509,49 @@ def main(argv=None) -> int:
     config = make_config(args.layers, args.tiny)
     env = env_info(device)
     meta = {"env": env, "config": config.to_dict(), "args": {k: str(v) if isinstance(v, Path) else v
-                                                             for k, v in vars(args).items()}}
+                                                             for k, v in vars(args).items() if k != "group"}}
     print(f"device: {env['device_name']}  torch {env['torch']}  transformers {env['transformers']}  "
           f"triton {env['triton']}  layers {config.num_hidden_layers}", flush=True)
     for method in args.methods:
         res = run_method(method, args, config, device)
+        if args.rank != 0:
+            continue  # every rank runs the same steps; rank 0 reports
         res["env"] = env
         res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         old = load_json(args.json).get("results", {}).get(method)
         merge_json(args.json, meta, method, combine(old, res, args.parts))
-    print()
-    print(table(load_json(args.json)))
-    print(f"\nwritten: {args.json}")
+    if args.rank == 0:
+        print()
+        print(table(load_json(args.json)))
+        print(f"\nwritten: {args.json}")
+    if args.group is not None:
+        torch.distributed.destroy_process_group()
     return 0
+
+
+def init_tensor_parallel(args) -> torch.device:
+    """NCCL over the processes torchrun started, one GPU each (gloo on CPU for a smoke test)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp:
+        raise SystemExit(
+            f"--tp {args.tp} needs {args.tp} processes, one per GPU: run "
+            f"`torchrun --nproc-per-node {args.tp} benchmarks/e2e.py --tp {args.tp} ...` (WORLD_SIZE={world})"
+        )
+    if torch.cuda.is_available() and args.device != "cpu":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    args.group, args.rank = dist.group.WORLD, dist.get_rank()
+    if args.json == DEFAULT_JSON:
+        args.json = DEFAULT_JSON.with_name(f"e2e_tp{args.tp}.json")
+    return device
 
 
 if __name__ == "__main__":

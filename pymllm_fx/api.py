@@ -50,7 +50,7 @@ def quantize(
     predicate (returning True, or the reason as text); embeddings are never linears, and weights
     tied to another parameter are skipped.
     ``process_group``: tensor parallelism over a torch.distributed group (default: the default
-    group when torch.distributed is initialized, else none). The graph decides each layer's role:
+    group when torch.distributed is initialized, else none; ``False`` for none). The graph decides each layer's role:
     column-parallel where a row-parallel layer consumes its output (q/k/v, gate/up), row-parallel
     (all-reduced) where its input is a column-parallel output (o_proj, down_proj), replicated
     otherwise. Each rank keeps only its shard; embeddings, norms and skipped layers stay whole.
@@ -234,9 +234,12 @@ class TensorParallel:
 
 
 def tensor_parallel_position(process_group: Optional[Any] = None) -> TensorParallel:
-    """The group to shard over: the one given, else the default group if torch.distributed is up."""
+    """The group to shard over: the one given, else the default group if torch.distributed is up;
+    ``False``: none (a whole model in one process of a distributed job)."""
     import torch.distributed as dist
 
+    if process_group is False:
+        return TensorParallel()
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return TensorParallel()
