@@ -1,25 +1,50 @@
-"""``"fp8"``: W8A8 float8 e4m3, per-channel weight scales from calibration, per-token dynamic
-activation scales. Runs ``torch.ops.pymllm_fx.fp8_linear``.
+"""``"fp8"``: W8A8 float8 e4m3, weight scales from calibration, per-token dynamic activation scales.
+Runs ``torch.ops.pymllm_fx.fp8_linear``.
+
+``weight_strategy`` ``"channel"`` (the default) calibrates one scale per output row;
+``"tensor"`` one scale for the whole weight, which is what the serialized ``"fp8"`` checkpoint
+format (vLLM / AutoFP8: one ``weight_scale`` per weight) holds, so such a model saves to that format
+exactly (``save_quantized(model, dir, "fp8")``). At run time both are one scale per row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.kernels.fp8_w8a8 import quantize_fp8_per_channel
+from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX, quantize_fp8_per_channel
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import check_config_keys
+
+WEIGHT_STRATEGIES = ("channel", "tensor")
+_MIN_SCALE = 1e-12  # as quantize_fp8_per_channel: an all-zero weight keeps a finite scale
+
+
+def quantize_fp8_per_tensor(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(N, K)`` float -> (e4m3 ``(N, K)``, float32 scales ``(N,)``), one scale shared by every row."""
+    w = weight.float()
+    scale = (w.abs().amax() / FP8_MAX).clamp(min=_MIN_SCALE)
+    q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.expand(w.shape[0]).contiguous()
 
 
 @dataclass
 class Fp8LinearMethod(LinearMethodBase):
     """e4m3 weights and activations; the scales stay float32."""
 
+    weight_strategy: str = "channel"
+
     name = "fp8"
+
+    def __post_init__(self) -> None:
+        if self.weight_strategy not in WEIGHT_STRATEGIES:
+            raise ValueError(
+                f"fp8: weight_strategy {self.weight_strategy!r} is not supported; use 'channel' (one scale per "
+                f"output row) or 'tensor' (one scale per weight, the serialized 'fp8' checkpoint format)"
+            )
 
     def create_weights(
         self,
@@ -34,7 +59,10 @@ class Fp8LinearMethod(LinearMethodBase):
         create_float_weight(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        weight, weight_scale = quantize_fp8_per_channel(layer.weight.data)
+        if self.weight_strategy == "tensor":
+            weight, weight_scale = quantize_fp8_per_tensor(layer.weight.data)
+        else:
+            weight, weight_scale = quantize_fp8_per_channel(layer.weight.data)
         replace_parameters(layer, ("weight",), {"weight": weight, "weight_scale": weight_scale})
 
     def apply(
@@ -43,15 +71,15 @@ class Fp8LinearMethod(LinearMethodBase):
         return torch.ops.pymllm_fx.fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
     def describe(self, layer: torch.nn.Module) -> str:
-        return "W8A8 e4m3, per-channel weight, per-token act"
+        return f"W8A8 e4m3, per-{self.weight_strategy} weight, per-token act"
 
     @classmethod
     def from_config(cls, config: dict) -> "Fp8LinearMethod":
-        check_config_keys(cls.name, config, ("activation_scheme",))
+        check_config_keys(cls.name, config, ("activation_scheme", "weight_strategy"))
         scheme = config.get("activation_scheme", "dynamic")
         if scheme != "dynamic":
             raise ValueError(
                 f"fp8: activation_scheme {scheme!r} needs calibrated input scales from a checkpoint; "
                 f"quantizing from float weights supports only 'dynamic'"
             )
-        return cls()
+        return cls(weight_strategy=str(config.get("weight_strategy", "channel")).lower())
