@@ -21,6 +21,7 @@ from pymllm_fx.loading import (
     iter_weights,
     load_weights,
 )
+from pymllm_fx.loading.export import save_quantized  # noqa: F401  (public, re-exported here)
 from pymllm_fx.loading.hf import build_on_meta, materialize_buffers, read_config
 from pymllm_fx.methods.registry import MethodSpec, resolve, resolve_checkpoint
 from pymllm_fx.passes import LinearSite, find_linears, swap_linears

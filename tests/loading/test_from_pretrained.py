@@ -205,24 +205,72 @@ def test_missing_and_wrong_group_size_tensors(tmp_path):
         pymllm_fx.from_pretrained(tmp_path, device="cpu", progress=False)
 
 
-def test_peak_memory_stays_near_the_checkpoint_size(tmp_path):
-    """Peak resident memory while loading stays under 1.3x the checkpoint's size on disk (measured in
-    a fresh process after the imports). A float checkpoint quantized while it streams is the path
-    with the most temporaries: every float weight is held until its layer is calibrated."""
+@pytest.mark.parametrize("stored", ["float", "int8"])
+def test_peak_memory_stays_near_the_checkpoint_size(tmp_path, stored):
+    """Peak resident memory while loading stays under 1.3x the checkpoint's size on disk, measured
+    in a fresh process after the imports: a quantized checkpoint (compressed-tensors int8) and a
+    float one quantized while it streams (every float weight is held until its layer calibrates)."""
     torch.manual_seed(0)
     model = build_model("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=4, vocab_size=8192)
-    model.save_pretrained(tmp_path / "float")
-    size = sum(f.stat().st_size for f in (tmp_path / "float").glob("*.safetensors"))
+    if stored == "float":
+        model.save_pretrained(tmp_path)
+    else:
+        pymllm_fx.save_quantized(pymllm_fx.quantize(model, "int8", progress=False), tmp_path,
+                                 format="compressed-tensors", progress=False)
+    size = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    method = "int8" if stored == "float" else None
     script = textwrap.dedent(f"""
         import resource, torch, pymllm_fx
         from pymllm_fx.loading.hf import build_on_meta
-        build_on_meta({str(tmp_path / 'float')!r}, None)  # warm the imports and transformers' caches
+        build_on_meta({str(tmp_path)!r}, None)  # warm the imports and transformers' caches
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        model = pymllm_fx.from_pretrained({str(tmp_path / 'float')!r}, method="int8", device="cpu", progress=False)
+        model = pymllm_fx.from_pretrained({str(tmp_path)!r}, method={method!r}, device="cpu", progress=False)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     peak = int(done.stdout.split()[-1])
     assert peak < 1.3 * size, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB checkpoint"
+
+
+# --- quantize -> save_quantized -> from_pretrained ------------------------------------------------
+
+ROUND_TRIPS = [
+    ({"quant_method": "int4", "group_size": 32}, "awq"),
+    ({"quant_method": "int4", "group_size": 32}, "gptq"),
+    ({"quant_method": "int4", "group_size": 64, "sym": True}, "gptq"),
+    ({"quant_method": "int4", "group_size": 32, "sym": True}, "compressed-tensors"),
+    ({"quant_method": "int4", "group_size": 32}, "compressed-tensors"),
+    ("int8", "gptq"),
+    ("int8", "compressed-tensors"),
+    ("fp8", "compressed-tensors"),
+    ({"quant_method": "fp8", "weight_strategy": "tensor"}, "fp8"),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method, fmt", ROUND_TRIPS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+def test_save_quantized_then_from_pretrained_round_trips(tmp_path, arch, method, fmt):
+    torch.manual_seed(0)
+    quantized = pymllm_fx.quantize(build_model(arch), method, progress=False)
+    pymllm_fx.save_quantized(quantized, tmp_path, format=fmt, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == fmt
+    loaded = pymllm_fx.from_pretrained(tmp_path, device="cpu", progress=False)
+    assert torch.equal(logits(loaded), logits(quantized))
+
+
+def test_cli_quantize_writes_a_checkpoint_from_pretrained_loads(tmp_path):
+    model = float_checkpoint(tmp_path / "src", "qwen2")
+    method = '{"quant_method": "int4", "group_size": 32}'  # hidden 64: AWQ has no tail groups
+    done = subprocess.run([sys.executable, "-m", "pymllm_fx", "quantize", str(tmp_path / "src"), "--method", method,
+                           "--out", str(tmp_path / "dst"), "--format", "awq", "--device", "cpu"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and "linear layers" in done.stdout
+    expected = pymllm_fx.quantize(model, json.loads(method), progress=False)
+    assert torch.equal(logits(pymllm_fx.from_pretrained(tmp_path / "dst", device="cpu", progress=False)), logits(expected))
+    refused = subprocess.run([sys.executable, "-m", "pymllm_fx", "quantize", str(tmp_path / "src"), "--method", "int8",
+                              "--out", str(tmp_path / "bad"), "--format", "awq", "--device", "cpu"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "awq" in refused.stderr and not (tmp_path / "bad" / "config.json").exists()
