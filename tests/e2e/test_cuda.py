@@ -85,3 +85,19 @@ def test_cuda_graphs_and_generate_with_the_compiled_model(llama_bf16, method):
     # sequences must agree for most of their length.
     assert (generated == eager_generated).float().mean().item() >= 0.75
     assert (lean == expected).float().mean().item() >= 0.75
+
+
+@pytest.mark.parametrize("method, fmt", [({"quant_method": "int4", "group_size": 32}, "awq"), ("fp8", "compressed-tensors")],
+                         ids=["int4-awq", "fp8-compressed-tensors"])
+def test_save_quantized_then_from_pretrained_onto_cuda(llama_bf16, tmp_path, method, fmt):
+    """A checkpoint written by save_quantized loads straight onto the GPU (built on meta, no float
+    copy) and gives the quantized model's logits, eager and compiled without graph breaks."""
+    quantized = pymllm_fx.quantize(copy.deepcopy(llama_bf16), method, progress=False)
+    pymllm_fx.save_quantized(quantized, tmp_path, format=fmt, progress=False)
+    loaded = pymllm_fx.from_pretrained(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False)
+    assert all(t.device.type == "cuda" for t in list(loaded.parameters()) + list(loaded.buffers()))
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    with torch.no_grad():
+        expected = quantized(ids, use_cache=False).logits
+        assert torch.equal(loaded(ids, use_cache=False).logits, expected)
+        assert torch._dynamo.explain(loaded)(ids, use_cache=False).graph_break_count == 0
