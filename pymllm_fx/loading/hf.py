@@ -80,11 +80,13 @@ def build_on_meta(path: Union[str, Path], dtype: Optional[torch.dtype]) -> nn.Mo
 
 
 def materialize_buffers(model: nn.Module, device: torch.device) -> None:
-    """Make the meta buffers real on ``device`` and let transformers recompute them.
+    """Make the meta buffers real and let transformers recompute them, then move them to ``device``.
 
     Checkpoints do not hold non-persistent buffers (rotary ``inv_freq``): transformers' own
-    ``_init_weights`` computes them, as its from_pretrained does. Persistent buffers are left for
-    the checkpoint. A buffer nothing recomputed is an error, not silent garbage.
+    ``_init_weights`` computes them, as its from_pretrained does. They are computed on the CPU, as
+    a model built on the CPU and moved would have them (a GPU's pow rounds differently).
+    Persistent buffers are left for the checkpoint. A buffer nothing recomputed is an error, not
+    silent garbage.
     """
     owners = {}
     for name, buffer in list(model.named_buffers()):
@@ -92,7 +94,7 @@ def materialize_buffers(model: nn.Module, device: torch.device) -> None:
         module = model.get_submodule(parent) if parent else model
         if buffer.device.type != "meta" or leaf not in module._non_persistent_buffers_set:
             continue
-        module._buffers[leaf] = torch.full_like(buffer, _unset(buffer.dtype), device=device)
+        module._buffers[leaf] = torch.full_like(buffer, _unset(buffer.dtype), device="cpu")
         owners[name] = module
     init = getattr(model, "_init_weights", None)
     for module in {id(m): m for m in owners.values()}.values():
@@ -106,6 +108,7 @@ def materialize_buffers(model: nn.Module, device: torch.device) -> None:
                 f"buffer {name!r} of {type(module).__name__} is computed at construction and this transformers "
                 f"version cannot recompute it after a meta-device build; use transformers >= 5"
             )
+        module._buffers[name.rpartition(".")[2]] = buffer.to(device)
 
 
 def _unset(dtype: torch.dtype):
