@@ -96,8 +96,16 @@ def test_save_quantized_then_from_pretrained_onto_cuda(llama_bf16, tmp_path, met
     pymllm_fx.save_quantized(quantized, tmp_path, format=fmt, progress=False)
     loaded = pymllm_fx.from_pretrained(tmp_path, device="cuda", dtype=torch.bfloat16, progress=False)
     assert all(t.device.type == "cuda" for t in list(loaded.parameters()) + list(loaded.buffers()))
+    # Every parameter and persistent buffer comes back bit for bit. The logits differ only by the
+    # rotary frequencies: the fixture's model.to(bfloat16) rounded inv_freq to bf16, while a model
+    # built in bf16 keeps it float32, as transformers computes it.
+    state, expected_state = loaded.state_dict(), quantized.state_dict()
+    assert state.keys() == expected_state.keys()
+    assert all(torch.equal(state[k], expected_state[k]) for k in state)
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
     ids = torch.randint(0, 128, (2, 16), device="cuda")
     with torch.no_grad():
-        expected = quantized(ids, use_cache=False).logits
-        assert torch.equal(loaded(ids, use_cache=False).logits, expected)
+        expected = quantized(ids, use_cache=False).logits.float()
+        got = loaded(ids, use_cache=False).logits.float()
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
         assert torch._dynamo.explain(loaded)(ids, use_cache=False).graph_break_count == 0
