@@ -47,7 +47,18 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
-def _worker(rank: int, world: int, port: int, expected: dict, errors) -> None:
+# Checkpoints written by save_quantized, loaded by from_pretrained on every rank: each keeps only
+# its shard of the packed weights, group scales, zero points and GPTQ's g_idx. Weight-only, so the
+# sharded model computes what the whole one does up to summation order.
+CHECKPOINTS = {
+    "awq": ({"quant_method": "int4", "group_size": 32}, "awq"),
+    "gptq": ({"quant_method": "int4", "group_size": 32}, "gptq"),
+    "ct-int4": ({"quant_method": "int4", "group_size": 32, "sym": True}, "compressed-tensors"),
+    "ct-int8": ("int8", "compressed-tensors"),
+}
+
+
+def _worker(rank: int, world: int, port: int, expected: dict, checkpoints: dict, errors) -> None:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -74,6 +85,14 @@ def _worker(rank: int, world: int, port: int, expected: dict, errors) -> None:
             if name == "int4" and world == 2:  # every rank: the traced forward runs the collectives
                 explained = torch._dynamo.explain(model)(ids())
                 assert explained.graph_break_count == 0, explained.break_reasons
+        for name, path in checkpoints.items():
+            model = pymllm_fx.from_pretrained(path, device="cpu", progress=False)
+            assert isinstance(model.model.layers[1].mlp.down_proj, RowParallelLinear)
+            if name == "gptq":
+                assert tuple(model.model.layers[1].mlp.down_proj.scales.shape) == (128, 256 // world // 32)
+            with torch.no_grad():
+                err = rel_err(model(ids()).logits, expected[name])
+            assert err <= 1e-5, f"{name} checkpoint: tp={world} logits differ from tp=1 by {err:.2e}"
         # A group size that does not divide a rank's inputs: refused before any weight is loaded.
         torch.manual_seed(0)  # down_proj's 320 inputs: 160 or 80 a rank (o_proj's 128: 32 at tp 4)
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CONFIG, "intermediate_size": 320})).eval()
@@ -97,15 +116,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_tensor_parallel_logits_match_one_rank(world):
+def test_tensor_parallel_logits_match_one_rank(world, tmp_path):
     float_model = build()
     with torch.no_grad():
         expected = {"float": float_model(ids()).logits}
         for name, method in METHODS.items():
             expected[name] = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)(ids()).logits
+    checkpoints = {}
+    for name, (method, fmt) in CHECKPOINTS.items():
+        checkpoints[name] = tmp_path / name
+        quantized = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)
+        pymllm_fx.save_quantized(quantized, checkpoints[name], format=fmt, progress=False)
+        with torch.no_grad():
+            expected[name] = pymllm_fx.from_pretrained(checkpoints[name], device="cpu", progress=False)(ids()).logits
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), expected, errors), nprocs=world, join=True,
+    mp.start_processes(_worker, args=(world, _free_port(), expected, checkpoints, errors), nprocs=world, join=True,
                        start_method="spawn")
     problems = []
     while not errors.empty():
