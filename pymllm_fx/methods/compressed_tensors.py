@@ -59,7 +59,7 @@ from pymllm_fx.layers.parameter import (
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
 from pymllm_fx.methods.common import check_config_keys
-from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, check_finite
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, check_finite, explain_errors
 from pymllm_fx.methods.int4 import GROUP_SIZES
 
 # The w4a16 group size a "channel" scale is repeated over: exact, and a tile size the kernels have.
@@ -93,18 +93,6 @@ def exact_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype`` when that holds every value exactly (a bf16 model's own scales), else float32."""
     narrow = t.to(dtype)
     return narrow if torch.equal(narrow.float(), t.float()) else t.float()
-
-
-def _explained(loader, hint: str):
-    """Wrap a weight loader so that a shape error says what the shape means for this format."""
-
-    def load(param: torch.Tensor, loaded: torch.Tensor, *shard_id: Any) -> None:
-        try:
-            loader(param, loaded, *shard_id)
-        except ValueError as err:
-            raise ValueError(f"{err}; {hint}") from None
-
-    return load
 
 
 # --- pack-quantized int weights --------------------------------------------------------------
@@ -198,7 +186,7 @@ class PackedIntLinearMethod(LinearMethodBase):
         bits = f"{self.num_bits}-bit"
 
         def register(name: str, data: torch.Tensor, attrs: dict, hint: str) -> None:
-            register_param(layer, name, data, {"weight_loader": _explained(loader, hint), **attrs}, extra_weight_attrs)
+            register_param(layer, name, data, {"weight_loader": explain_errors(where, loader, hint), **attrs}, extra_weight_attrs)
 
         register(
             "weight_packed", torch.empty(n, -(-k // self.per_word), dtype=torch.int32),

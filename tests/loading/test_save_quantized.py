@@ -37,43 +37,16 @@ from pymllm_fx.methods.int8 import Int8LinearMethod, quantize_int8
 from pymllm_fx.methods.registry import resolve_checkpoint
 from checks import seed
 from hf_models import build_model
+# The formats' packers, written from AutoAWQ's and GPTQModel's code in the method tests.
+from methods.test_awq import awq_pack, to_int32
+from methods.test_gptq import pack_cols as gptq_pack_cols, pack_rows as gptq_pack_rows
 
-AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 INT4_ASYM = {"quant_method": "int4", "group_size": 32}
 INT4_SYM = {"quant_method": "int4", "group_size": 32, "sym": True}
 FP8_TENSOR = {"quant_method": "fp8", "weight_strategy": "tensor"}
 
 
 # --- golden packers ----------------------------------------------------------------------------------
-
-
-def to_int32(words: torch.Tensor) -> torch.Tensor:
-    words = words & 0xFFFFFFFF
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def awq_pack(values: torch.Tensor) -> torch.Tensor:
-    """``(R, C)`` 0..15 -> ``(R, C // 8)``, AutoAWQ's interleaved nibble order."""
-    packed = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
-    for col in range(packed.shape[1]):
-        for i in range(8):
-            packed[:, col] |= values[:, col * 8 + AWQ_ORDER[i]].long() << (4 * i)
-    return to_int32(packed)
-
-
-def gptq_pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(K, N)`` -> ``(K // f, N)``: value j of word row r is row ``r * f + j``."""
-    f = 32 // bits
-    packed = torch.zeros(values.shape[0] // f, values.shape[1], dtype=torch.int64)
-    for row in range(packed.shape[0]):
-        for j in range(f):
-            packed[row] |= values[row * f + j].long() << (bits * j)
-    return to_int32(packed)
-
-
-def gptq_pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(G, N)`` -> ``(G, N // f)``: value j of word column c is column ``c * f + j``."""
-    return gptq_pack_rows(values.t(), bits).t().contiguous()
 
 
 def ct_pack(signed: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
