@@ -112,8 +112,9 @@ def from_pretrained(
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, quant_method, skip = _open_checkpoint(Path(path), method, dtype, skip)
-    materialize_buffers(model, device)
+    # The graph is captured with everything on meta; buffers no checkpoint holds are made real after.
     quantize(model, quant_method, weights=path, skip=skip, device=device, progress=progress, process_group=process_group)
+    materialize_buffers(model, device)
     generation = Path(path) / "generation_config.json"
     if generation.is_file() and getattr(model, "generation_config", None) is not None:
         from transformers import GenerationConfig

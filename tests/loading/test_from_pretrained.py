@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -44,7 +45,9 @@ def float_checkpoint(tmp_path, arch, **overrides):
 def test_float_checkpoint_quantized_while_loading_matches_quantize(tmp_path, arch, method):
     model = float_checkpoint(tmp_path, arch)
     expected = pymllm_fx.quantize(copy.deepcopy(model), method, progress=False)
-    loaded = pymllm_fx.from_pretrained(tmp_path, method=method, device="cpu", progress=False)
+    with warnings.catch_warnings():  # the graph is captured on meta, not from a module walk
+        warnings.filterwarnings("error", message="pymllm_fx: graph capture")
+        loaded = pymllm_fx.from_pretrained(tmp_path, method=method, device="cpu", progress=False)
     assert not loaded.training
     assert all(p.device.type == "cpu" for p in loaded.parameters())
     assert all(b.device.type == "cpu" for b in loaded.buffers())
@@ -274,3 +277,13 @@ def test_cli_quantize_writes_a_checkpoint_from_pretrained_loads(tmp_path):
                               "--out", str(tmp_path / "bad"), "--format", "awq", "--device", "cpu"],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "awq" in refused.stderr and not (tmp_path / "bad" / "config.json").exists()
+
+
+def test_wrong_bits_for_the_tensors(tmp_path):
+    quantized_checkpoint(tmp_path, "llama", "gptq")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"].update(bits=8, group_size=-1, desc_act=False, sym=True)  # the tensors pack 4-bit codes
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj.*'model\.layers\.0\.self_attn\."
+                                              r"q_proj\.qweight': expected shape \(16, 64\), found \(8, 64\)"):
+        pymllm_fx.from_pretrained(tmp_path, device="cpu", progress=False)
