@@ -68,7 +68,7 @@ from pymllm_fx.kernels.w4a16 import SYMMETRIC_ZERO, num_groups, unpack_int4
 from pymllm_fx.layers.linear import LinearBase
 from pymllm_fx.layers.quantize_base import UnquantizedLinearMethod
 from pymllm_fx.methods.awq import AWQ_ORDER, AWQLinearMethod
-from pymllm_fx.methods.common import checkpoint_group, expand_groups, runtime_group
+from pymllm_fx.methods.common import checkpoint_group, expand_groups, is_float_layer, runtime_group
 from pymllm_fx.methods.compressed_tensors import (
     CHANNEL_RUNTIME_GROUP,
     CompressedTensorsLinearMethod,
@@ -132,7 +132,7 @@ def read_layer(layer: nn.Module, where: str = "") -> Optional[Quantized]:
     method = layer.quant_method
     if isinstance(method, CompressedTensorsLinearMethod):
         method = layer.scheme
-    if isinstance(method, UnquantizedLinearMethod):
+    if isinstance(method, UnquantizedLinearMethod) or is_float_layer(layer):
         return None
     k = layer.input_size_per_partition
     if isinstance(method, Int4LinearMethod):

@@ -35,6 +35,9 @@ from pymllm_fx.methods.common import (
     check_config_keys,
     checkpoint_group,
     expand_groups,
+    float_linear,
+    is_float_layer,
+    make_float_layer,
     runtime_group,
     supported_group_size,
 )
@@ -70,8 +73,8 @@ class AWQLinearMethod(LinearMethodBase):
     group_size: int = 128
     zero_point: bool = True
     version: str = "gemm"
-    # Module names the checkpoint left unquantized (from quantization_config); skip them when
-    # quantizing, since their tensors are plain float weights.
+    # Module names the checkpoint left unquantized (from quantization_config): a layer whose path
+    # contains one (matched as transformers and vLLM match it) holds a plain float weight.
     modules_to_not_convert: Tuple[str, ...] = ()
 
     name = "awq"
@@ -105,6 +108,9 @@ class AWQLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs: Any,
     ) -> None:
+        if any(name in getattr(layer, "prefix", "") for name in self.modules_to_not_convert):
+            make_float_layer(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
+            return
         where = getattr(layer, "prefix", "") or "layer"
         k, n = input_size_per_partition, sum(output_partition_sizes)
         in_split = input_size != input_size_per_partition
@@ -142,6 +148,8 @@ class AWQLinearMethod(LinearMethodBase):
         register_param(layer, "scales", scales, dict(input_dim=group_input_dim, output_dim=1), extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if is_float_layer(layer):
+            return
         # Everything is computed and checked first; the layer changes only at the end.
         where = getattr(layer, "prefix", "") or "layer"
         k = layer.qweight.shape[0]
@@ -178,11 +186,15 @@ class AWQLinearMethod(LinearMethodBase):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
+        if is_float_layer(layer):
+            return float_linear(layer, x, bias)
         return torch.ops.pymllm_fx.w4a16_linear(
             x, layer.qweight, layer.scales, layer.zeros, runtime_group(self.group_size), bias
         )
 
     def describe(self, layer: torch.nn.Module) -> str:
+        if is_float_layer(layer):
+            return "unquantized (AWQ modules_to_not_convert)"
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         return f"AWQ W4A16 {group} {'asym' if self.zero_point else 'sym'}"
 

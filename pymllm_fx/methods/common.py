@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from pymllm_fx.kernels.w4a16 import num_groups
+from pymllm_fx.layers.parameter import create_float_weight
 
 
 def check_config_keys(method: str, config: dict, accepted: Iterable[str]) -> None:
@@ -46,3 +48,20 @@ def expand_groups(t: torch.Tensor, group_size: int, runtime_group: int, k: int) 
         return t.contiguous()
     starts = torch.arange(num_groups(k, runtime_group), device=t.device) * runtime_group
     return t.index_select(1, starts // group_size).contiguous()
+
+
+def is_float_layer(layer: torch.nn.Module) -> bool:
+    """A layer its checkpoint left unquantized (AWQ ``modules_to_not_convert``, GPTQ ``dynamic``
+    skip rules): it holds a plain float ``weight`` instead of packed codes."""
+    return getattr(layer, "left_float", False)
+
+
+def make_float_layer(layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list,
+                     params_dtype: torch.dtype, extra_weight_attrs: dict) -> None:
+    """Give ``layer`` the float weight its checkpoint stores; ``apply`` then runs ``float_linear``."""
+    create_float_weight(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
+    layer.left_float = True
+
+
+def float_linear(layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, layer.weight, bias)

@@ -30,7 +30,8 @@ checkpoints keep ``g_idx`` sorted and split fine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+import re
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -41,6 +42,9 @@ from pymllm_fx.methods.common import (
     check_config_keys,
     checkpoint_group,
     expand_groups,
+    float_linear,
+    is_float_layer,
+    make_float_layer,
     runtime_group,
     supported_group_size,
 )
@@ -85,6 +89,8 @@ class GPTQLinearMethod(LinearMethodBase):
     # With act-order, static groups keep g_idx sorted (groups are fixed in the original input order),
     # which is what lets such a layer split its inputs across tensor-parallel ranks.
     static_groups: bool = False
+    # GPTQModel "dynamic" skip rules ("-:<regex>"): module paths the checkpoint left in float.
+    skip_patterns: Tuple[str, ...] = ()
 
     name = "gptq"
     # Loads an already-quantized checkpoint: there is no float weight to calibrate from, so
@@ -120,6 +126,9 @@ class GPTQLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs: Any,
     ) -> None:
+        if any(re.match(pattern, getattr(layer, "prefix", "")) for pattern in self.skip_patterns):
+            make_float_layer(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
+            return
         where = getattr(layer, "prefix", "") or "layer"
         k, n, f = input_size_per_partition, sum(output_partition_sizes), self.pack_factor
         groups = num_groups(k, checkpoint_group(self.group_size, k))
@@ -184,6 +193,8 @@ class GPTQLinearMethod(LinearMethodBase):
         register("g_idx", torch.full((k,), -1, dtype=torch.int32), dict(input_dim=0, weight_loader=loader))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if is_float_layer(layer):
+            return
         # Everything is computed and checked first; the layer changes only at the end.
         where = getattr(layer, "prefix", "") or "layer"
         bits, scales = self.bits, layer.scales.data
@@ -264,6 +275,8 @@ class GPTQLinearMethod(LinearMethodBase):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
+        if is_float_layer(layer):
+            return float_linear(layer, x, bias)
         if layer.perm is not None:
             x = x.index_select(-1, layer.perm)
         if self.bits == 8:
@@ -273,6 +286,8 @@ class GPTQLinearMethod(LinearMethodBase):
         )
 
     def describe(self, layer: torch.nn.Module) -> str:
+        if is_float_layer(layer):
+            return "unquantized (a GPTQ dynamic skip rule)"
         if self.bits == 8:
             return "GPTQ W8A16 per-channel sym"
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
@@ -290,8 +305,13 @@ class GPTQLinearMethod(LinearMethodBase):
             raise ValueError("gptq: is_marlin_format=true checkpoints use the Marlin layout, which is not supported")
         if config.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
             raise ValueError(f"gptq: pack_dtype {config['pack_dtype']!r} is not supported; only int32-packed checkpoints load")
-        if config.get("dynamic"):
-            raise ValueError("gptq: per-module 'dynamic' overrides are not supported yet")
+        dynamic = config.get("dynamic") or {}
+        overrides = [key for key in dynamic if not str(key).startswith("-:")]
+        if overrides:
+            raise ValueError(
+                f"gptq: per-module 'dynamic' overrides {overrides[:3]} are not supported yet (only '-:' rules, "
+                f"which leave a module unquantized)"
+            )
         formats = {str(config[key]).lower() for key in ("checkpoint_format", "format") if config.get(key) is not None}
         if len(formats) > 1:
             raise ValueError(f"gptq: quantization_config has conflicting checkpoint_format and format: {sorted(formats)}")
@@ -302,6 +322,7 @@ class GPTQLinearMethod(LinearMethodBase):
             desc_act=bool(config.get("desc_act", False)),
             checkpoint_format=str(next(iter(formats), "gptq")),
             static_groups=bool(config.get("static_groups", False)),
+            skip_patterns=tuple(str(key)[2:] for key in dynamic),
         )
 
 

@@ -287,3 +287,27 @@ def test_wrong_bits_for_the_tensors(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj.*'model\.layers\.0\.self_attn\."
                                               r"q_proj\.qweight': expected shape \(16, 64\), found \(8, 64\)"):
         pymllm_fx.from_pretrained(tmp_path, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_skipped_layers_round_trip_through_the_formats_skip_lists(tmp_path, fmt):
+    """Layers left float are written in AWQ's modules_to_not_convert / GPTQModel's "-:" dynamic rules;
+    both from_pretrained and quantize(weights=) with the written config keep them float."""
+    from pymllm_fx.methods.registry import resolve_checkpoint
+
+    torch.manual_seed(0)
+    method = {"quant_method": "int4", "group_size": 32}
+    quantized = pymllm_fx.quantize(build_model("llama"), method, skip=("lm_head", "*.mlp.down_proj"), progress=False)
+    pymllm_fx.save_quantized(quantized, tmp_path, format=fmt, progress=False)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    loaded = pymllm_fx.from_pretrained(tmp_path, device="cpu", progress=False)
+    assert torch.equal(logits(loaded), logits(quantized))
+    torch.manual_seed(1)
+    fresh = pymllm_fx.quantize(build_model("llama"), resolve_checkpoint(config), weights=tmp_path, progress=False)
+    down = fresh.model.layers[0].mlp.down_proj
+    assert "unquantized" in down.quant_method.describe(down) and down.weight.dtype == torch.float32
+    assert torch.equal(logits(fresh), logits(quantized))
+    pymllm_fx.save_quantized(fresh, tmp_path / "again", format=fmt, progress=False)
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    unordered = lambda c: {k: sorted(v) if isinstance(v, list) else v for k, v in c.items()}  # noqa: E731
+    assert unordered(again) == unordered(config)

@@ -236,7 +236,7 @@ def test_gptq_from_transformers_gptq_config_dict():
         ({"checkpoint_format": "gptq", "format": "gptq_v2"}, "conflicting"),
         ({"is_marlin_format": True}, "Marlin"),
         ({"pack_dtype": "int16"}, "pack_dtype"),
-        ({"dynamic": {"-:.*mlp.*": {}}}, "dynamic"),
+        ({"dynamic": {r"+:.*mlp.*": {"bits": 8}}}, r"dynamic.*overrides.*only .-:. rules"),
         ({"group_sz": 64}, "unknown keys.*group_sz"),
     ],
 )
