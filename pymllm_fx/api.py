@@ -111,7 +111,7 @@ def from_pretrained(
     ``process_group``: as for :func:`quantize`; each rank reads the checkpoint and keeps its shards.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, quant_method, skip = _open_checkpoint(Path(path), method, dtype, skip)
+    model, quant_method, skip, _ = _open_checkpoint(Path(path), method, dtype, skip)
     # The graph is captured with everything on meta; buffers no checkpoint holds are made real after.
     quantize(model, quant_method, weights=path, skip=skip, device=device, progress=progress, process_group=process_group)
     materialize_buffers(model, device)
@@ -125,8 +125,9 @@ def from_pretrained(
 
 def _open_checkpoint(
     path: Path, method: Optional[MethodSpec], dtype: Optional[torch.dtype], skip: SkipSpec
-) -> Tuple[nn.Module, Any, SkipSpec]:
-    """The checkpoint's model on meta, the method that loads it, and what to leave float."""
+) -> Tuple[nn.Module, Any, SkipSpec, Dict[str, Any]]:
+    """The checkpoint's model on meta, the method that loads it, what to leave float, and its tensors'
+    header entries."""
     config = read_config(path)
     stored = config.get("quantization_config")
     if stored is not None and method is not None and resolve(method).name != _stored_name(stored):
@@ -144,7 +145,7 @@ def _open_checkpoint(
     model = build_on_meta(path, dtype)
     if stored is not None:
         skip = _with_float_layers(skip, tensors)
-    return model, quant_method, skip
+    return model, quant_method, skip, tensors
 
 
 def explain_checkpoint(
@@ -157,8 +158,7 @@ def explain_checkpoint(
     (for a float checkpoint, what the method will hold), or why it would stay float.
     """
     path = Path(path)
-    model, quant_method, skip = _open_checkpoint(path, method, None, skip)
-    tensors = checkpoint_tensors(path)
+    model, quant_method, skip, tensors = _open_checkpoint(path, method, None, skip)
     report = Explanation()
     for site in find_linears(model):
         float_bytes = (site.in_features + site.bias) * site.out_features * site.dtype.itemsize
