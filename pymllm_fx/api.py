@@ -85,7 +85,7 @@ def quantize(
         layers = _quantize_own_weights(model, plan, build, progress)
     else:
         layers = {site.path: build(site) for site in plan}
-        _load_checkpoint(model, plan, layers, weights, progress, device)
+        _load_checkpoint(model, layers, weights, progress, device)
     swap_linears(model, layers)
     return model
 
@@ -260,11 +260,14 @@ def _build_layer(site: LinearSite, quant_method, device, tp: TensorParallel = Te
         )
     with torch.device(device if device is not None else site.device):
         if style == "column":
-            return ColumnParallelLinear(site.in_features, site.out_features, tp_rank=tp.rank, tp_size=tp.size, **common)
-        if style == "row":
-            return RowParallelLinear(site.in_features, site.out_features, tp_rank=tp.rank, tp_size=tp.size,
-                                     process_group=tp.group, **common)
-        return ReplicatedLinear(site.in_features, site.out_features, **common)
+            layer = ColumnParallelLinear(site.in_features, site.out_features, tp_rank=tp.rank, tp_size=tp.size, **common)
+        elif style == "row":
+            layer = RowParallelLinear(site.in_features, site.out_features, tp_rank=tp.rank, tp_size=tp.size,
+                                      process_group=tp.group, **common)
+        else:
+            layer = ReplicatedLinear(site.in_features, site.out_features, **common)
+    layer.checkpoint_transposed = site.kind == "conv1d"
+    return layer
 
 
 def _normalize_skip(skip: Optional[SkipSpec]) -> Union[Tuple[str, ...], Callable[[LinearSite], bool]]:
@@ -355,7 +358,6 @@ def _quantize_own_weights(
 
 def _load_checkpoint(
     model: nn.Module,
-    plan: List[LinearSite],
     layers: Dict[str, nn.Module],
     weights: Union[str, Path],
     progress: bool,
@@ -368,10 +370,9 @@ def _load_checkpoint(
     """
     targets: Dict[str, LoadTarget] = {}
     replaced = set(layers)
-    conv1d = {site.path for site in plan if site.kind == "conv1d"}
     for path, layer in layers.items():
         for name, param in layer.named_parameters():
-            transform = (lambda t: t.t()) if (path in conv1d and name == "weight") else None
+            transform = (lambda t: t.t()) if (layer.checkpoint_transposed and name == "weight") else None
             targets[f"{path}.{name}"] = LoadTarget(param, transform=transform, owner=path)
 
     staged: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}

@@ -31,6 +31,10 @@ def _divide(numerator: int, denominator: int, what: str, prefix: str) -> int:
 class LinearBase(nn.Module):
     """Shared constructor: sizes, tensor-parallel position, and the quant method's weights."""
 
+    # True when the module this layer replaced stored its weight (in, out), as transformers' Conv1D
+    # (GPT-2) does: its checkpoints keep that layout, so loading and saving transpose ``weight``.
+    checkpoint_transposed: bool = False
+
     def __init__(
         self,
         input_size: int,

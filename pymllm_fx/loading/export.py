@@ -49,10 +49,8 @@ name ``save_pretrained`` keeps.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -79,7 +77,7 @@ from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
 from pymllm_fx.methods.gptq import GPTQLinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
-from pymllm_fx.passes import is_conv1d, is_linear_module
+from pymllm_fx.passes import is_linear_module
 
 FORMATS = ("awq", "gptq", "compressed-tensors", "fp8")
 # The compressed-tensors release whose format this writer follows; compressed-tensors drops the
@@ -651,14 +649,13 @@ def save_quantized(
             f"merged_layers names {unknown}, which are not pymllm_fx linear layers of this model; use the paths "
             f"of its merged layers (MergedColumnParallelLinear / QKVParallelLinear)"
         )
-    conv1d = _conv1d_paths(model)
     layers: Dict[str, _Layer] = {}
     floats: List[str] = []
     for name, module in modules.items():
         if isinstance(module, LinearBase):
             names = merged.get(name, [name])
             _check_layer(name, module, names)
-            layers[name] = _Layer(module, names, name in conv1d)
+            layers[name] = _Layer(module, names, module.checkpoint_transposed)
         elif is_linear_module(module):
             floats.append(name)
     export = _Export(fmt, layers, floats)  # raises before anything is written
@@ -724,27 +721,6 @@ def _tied_duplicates(model: nn.Module, state: Dict[str, torch.Tensor], layers: D
         else:
             drop.add(name)
     return drop
-
-
-def _conv1d_paths(model: nn.Module) -> Set[str]:
-    """Paths of modules that are transformers ``Conv1D`` in the model's own class (GPT-2 family).
-
-    ``quantize`` swaps them for layers that no longer say so, so the class is rebuilt on the meta
-    device from its config to find them; only models whose modeling file uses Conv1D pay this.
-    """
-    modeling = sys.modules.get(type(model).__module__)
-    config = getattr(model, "config", None)
-    if getattr(modeling, "Conv1D", None) is None or config is None:
-        return set()
-    try:
-        with torch.device("meta"):
-            skeleton = type(model)(copy.deepcopy(config))
-    except Exception as err:  # noqa: BLE001 - any failure means the layout cannot be known
-        raise ValueError(
-            f"cannot tell which layers of {type(model).__name__} were transformers Conv1D (their weights are "
-            f"stored transposed): rebuilding it from its config failed ({err})"
-        ) from None
-    return {path for path, module in skeleton.named_modules() if is_conv1d(module)}
 
 
 def _write_shards(out: Path, tensors: Iterator[Tuple[str, torch.Tensor]], max_bytes: int) -> None:
