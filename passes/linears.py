@@ -158,6 +158,10 @@ _MIXING_OPS = {
 }
 
 
+_SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+_NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default}  # over the trailing dims
+
+
 def _parallel_styles(
     program: torch.export.ExportedProgram, calls: List[Tuple[torch.fx.Node, str]], sites: Dict[str, LinearSite]
 ) -> Dict[str, str]:
@@ -207,15 +211,13 @@ def _mixes_features(node: torch.fx.Node, inputs: frozenset, sites: Dict[str, Lin
     if value is None or not hasattr(value, "shape") or value.dim() == 0:
         return True  # unknown shape: assume the worst
     last = value.shape[-1]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
-    if node.target in (aten.slice.Tensor, aten.select.int, aten.index_select.default, aten.gather.default,
-                       aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.cumsum.default):
-        dim = node.args[2] if node.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default) and len(node.args) > 2 else dim
-        if node.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default) and len(node.args) <= 2:
-            dim = 0
+    if node.target in _SPLIT_OPS:  # (self, split sizes or chunks, dim=0)
+        dim = node.args[2] if len(node.args) > 2 else 0
+    else:  # (self, dim or dims, ...)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
     dims = dim if isinstance(dim, (list, tuple)) else [dim]
-    touches_last = any(isinstance(d, int) and d % value.dim() == value.dim() - 1 for d in dims) or node.target in (
-        aten.layer_norm.default, aten.native_layer_norm.default)
+    touches_last = node.target in _NORM_OPS or any(
+        isinstance(d, int) and d % value.dim() == value.dim() - 1 for d in dims)
     return touches_last and any(last == sites[name].out_features for name in inputs)
 
 

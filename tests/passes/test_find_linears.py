@@ -309,3 +309,30 @@ def test_quantizing_twice_says_the_model_is_already_quantized():
     model = pymllm_fx.quantize(build_model("llama"), "int8", progress=False)
     with pytest.raises(ValueError, match="already quantized"):
         pymllm_fx.quantize(model, "int8", progress=False)
+
+
+# Each layer's tensor-parallel role as the dataflow gives it (layer 0, by the last part of its path).
+ROLES = {
+    "llama": {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row",
+              "gate_proj": "column", "up_proj": "column", "down_proj": "row"},
+    # c_attn's output is split by the full q/k/v sizes: sharding it would misalign the split.
+    "gpt2": {"attn.c_attn": "replicated", "attn.c_proj": "replicated", "mlp.c_fc": "column", "mlp.c_proj": "row"},
+    # Fused qkv_proj and gate_up_proj are sliced and chunked along the features.
+    "phi3": {"qkv_proj": "replicated", "o_proj": "replicated", "gate_up_proj": "replicated", "down_proj": "replicated"},
+    "bert": {"query": "column", "key": "column", "value": "column", "attention.output.dense": "row",
+             "intermediate.dense": "column", "layer.0.output.dense": "row"},
+}
+
+
+@pytest.mark.parametrize("arch", list(ROLES))
+def test_tensor_parallel_roles_come_from_the_dataflow(arch):
+    _, sites = model_and_sites(arch)
+    layer0 = [s for s in sites if ".0." in s.path]
+    for suffix, role in ROLES[arch].items():
+        (site,) = [s for s in layer0 if s.path.endswith(suffix)]
+        assert site.parallel == role, (site.path, site.parallel)
+    last = {"llama": "lm_head", "gpt2": "lm_head", "phi3": "lm_head", "bert": "pooler.dense"}[arch]
+    assert next(s for s in sites if s.path == last).parallel == "replicated"  # its output is the model's
+    heads = {s.path.rpartition(".")[2]: s.head_dim for s in layer0}
+    if arch == "llama":
+        assert heads["q_proj"] == heads["k_proj"] == 16 and heads["o_proj"] is None
