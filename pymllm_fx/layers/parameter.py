@@ -11,7 +11,7 @@ attributes, never layer or method types:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -51,6 +51,15 @@ def rank_share(layer: torch.nn.Module, name: str, size: int, split: bool) -> str
     if not split or tp_size == 1:
         return f"{name}={size}"
     return f"{name}={size} on this rank ({size * tp_size} split over tp_size={tp_size})"
+
+
+def unaligned_output(output_partition_sizes: list, multiple: int) -> Optional[Tuple[str, int]]:
+    """The first logical output slice that is not a whole number of ``multiple`` (packed words),
+    as ``(its name for an error, its size)``, or None when all are."""
+    for i, size in enumerate(output_partition_sizes):
+        if size % multiple:
+            return ("out_features" if len(output_partition_sizes) == 1 else f"out_features of logical weight {i}"), size
+    return None
 
 
 def narrow_for_rank(

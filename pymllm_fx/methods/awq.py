@@ -29,7 +29,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4
-from pymllm_fx.layers.parameter import rank_share, register_param, replace_parameters
+from pymllm_fx.layers.parameter import rank_share, register_param, replace_parameters, unaligned_output
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import (
     check_config_keys,
@@ -128,14 +128,13 @@ class AWQLinearMethod(LinearMethodBase):
                 f"{where}: awq runs with {PACK_FACTOR} input features per int32, but "
                 f"{rank_share(layer, 'in_features', k, in_split)} is not a multiple of {PACK_FACTOR}; {fix}"
             )
-        for i, size in enumerate(output_partition_sizes):
-            if size % PACK_FACTOR:
-                # qweight / qzeros words hold 8 interleaved output features: a slice must be whole words.
-                name = "out_features" if len(output_partition_sizes) == 1 else f"out_features of logical weight {i}"
-                raise ValueError(
-                    f"{where}: awq packs {PACK_FACTOR} output features per int32 (qweight, qzeros), but "
-                    f"{rank_share(layer, name, size, out_split)} is not a multiple of {PACK_FACTOR}; {fix}"
-                )
+        # qweight / qzeros words hold 8 interleaved output features: a slice must be whole words.
+        unaligned = unaligned_output(output_partition_sizes, PACK_FACTOR)
+        if unaligned:
+            raise ValueError(
+                f"{where}: awq packs {PACK_FACTOR} output features per int32 (qweight, qzeros), but "
+                f"{rank_share(layer, *unaligned, out_split)} is not a multiple of {PACK_FACTOR}; {fix}"
+            )
         # One group per row is the same on every tensor-parallel rank: no input_dim to split along.
         group_input_dim = None if self.group_size == -1 else 0
 

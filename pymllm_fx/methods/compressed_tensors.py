@@ -56,6 +56,7 @@ from pymllm_fx.layers.parameter import (
     register_param,
     replace_parameters,
     set_weight_attrs,
+    unaligned_output,
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
 from pymllm_fx.methods.common import check_config_keys
@@ -170,17 +171,15 @@ class PackedIntLinearMethod(LinearMethodBase):
                 f"use a tensor-parallel size that divides in_features={input_size} into multiples of "
                 f"{self.group_size}, or add this layer to skip"
             )
-        if not self.symmetric and out_split:
-            # weight_zero_point packs per_word output rows per int32 (padding the last word), so a merged
-            # shard or a rank's slice must be whole words.
-            for i, size in enumerate(output_partition_sizes):
-                if size % self.per_word:
-                    name = "out_features" if len(output_partition_sizes) == 1 else f"out_features of logical weight {i}"
-                    raise ValueError(
-                        f"{where}: asymmetric weight_zero_point packs {self.per_word} output features per int32, "
-                        f"but {rank_share(layer, name, size, n != output_size)} is not a multiple of "
-                        f"{self.per_word}, so it cannot be split into shards or ranks; {fix}"
-                    )
+        # weight_zero_point packs per_word output rows per int32 (padding the last word), so a merged
+        # shard or a rank's slice must be whole words.
+        unaligned = unaligned_output(output_partition_sizes, self.per_word)
+        if not self.symmetric and out_split and unaligned:
+            raise ValueError(
+                f"{where}: asymmetric weight_zero_point packs {self.per_word} output features per int32, "
+                f"but {rank_share(layer, *unaligned, n != output_size)} is not a multiple of "
+                f"{self.per_word}, so it cannot be split into shards or ranks; {fix}"
+            )
         groups = num_groups(k, self.group_size) if self.strategy == "group" else 1
         loader = extra_weight_attrs.get("weight_loader", default_weight_loader)
         bits = f"{self.num_bits}-bit"

@@ -36,7 +36,13 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w4a16 import num_groups, pack_int4
-from pymllm_fx.layers.parameter import default_weight_loader, rank_share, register_param, replace_parameters
+from pymllm_fx.layers.parameter import (
+    default_weight_loader,
+    rank_share,
+    register_param,
+    replace_parameters,
+    unaligned_output,
+)
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import (
     check_config_keys,
@@ -151,13 +157,12 @@ class GPTQLinearMethod(LinearMethodBase):
                 f"{where}: gptq {self.bits}-bit packs {f} input features per int32, but "
                 f"{rank_share(layer, 'in_features', k, in_split)} is not a multiple of {f}; {fix}"
             )
-        for i, size in enumerate(output_partition_sizes):
-            if size % f:
-                name = "out_features" if len(output_partition_sizes) == 1 else f"out_features of logical weight {i}"
-                raise ValueError(
-                    f"{where}: gptq {self.bits}-bit packs {f} zero points per int32 along the outputs (qzeros), but "
-                    f"{rank_share(layer, name, size, out_split)} is not a multiple of {f}; {fix}"
-                )
+        unaligned = unaligned_output(output_partition_sizes, f)
+        if unaligned:
+            raise ValueError(
+                f"{where}: gptq {self.bits}-bit packs {f} zero points per int32 along the outputs (qzeros), but "
+                f"{rank_share(layer, *unaligned, out_split)} is not a multiple of {f}; {fix}"
+            )
         if in_split and self.group_size != -1 and k % self.group_size:
             raise ValueError(
                 f"{where}: row-parallel gptq gives each rank whole groups of scales and zeros, but "
