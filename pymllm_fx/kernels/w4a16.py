@@ -33,17 +33,29 @@ PACK_FACTOR = 8
 SYMMETRIC_ZERO = 8
 
 
+def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit values ``(R, C)`` -> int32 ``(R, ceil(C / f))``, ``f = 32 // bits``:
+    value j of a word sits at bits ``bits*j`` (low first); a short last word is padded with zeros.
+    The layout of this runtime format and of GPTQ and compressed-tensors checkpoints alike."""
+    f = 32 // bits
+    values = values.to(torch.int64)
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << bits):
+        raise ValueError(f"pack_words: values must lie in 0..{(1 << bits) - 1}")
+    rows, cols = values.shape
+    padded = F.pad(values, (0, -cols % f))
+    shifts = torch.arange(0, 32, bits, device=values.device, dtype=torch.int64)
+    # Built in int64 so the top value cannot overflow, then the low 32 bits reinterpreted.
+    words = (padded.view(rows, -1, f) << shifts).sum(-1)
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Pack ``(N, K)`` integer codes in 0..15 into int32 ``(N, K // 8)``, low nibble first."""
-    n, k = codes.shape
-    if k % PACK_FACTOR:
-        raise ValueError(f"pack_int4: K={k} must be a multiple of {PACK_FACTOR}")
+    if codes.shape[1] % PACK_FACTOR:
+        raise ValueError(f"pack_int4: K={codes.shape[1]} must be a multiple of {PACK_FACTOR}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
         raise ValueError("pack_int4: codes must lie in 0..15")
-    # Build in int64 so the top nibble cannot overflow, then reinterpret the low 32 bits.
-    shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int64)
-    words = (codes.to(torch.int64).view(n, k // PACK_FACTOR, PACK_FACTOR) << shifts).sum(-1)
-    return (words - ((words >> 31) << 32)).to(torch.int32)
+    return pack_words(codes, 4)
 
 
 def unpack_int4(qweight: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:

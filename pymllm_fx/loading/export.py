@@ -56,13 +56,12 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE
-from pymllm_fx.kernels.w4a16 import SYMMETRIC_ZERO, num_groups, unpack_int4
+from pymllm_fx.kernels.w4a16 import SYMMETRIC_ZERO, num_groups, pack_words, unpack_int4
 from pymllm_fx.layers.linear import LinearBase
 from pymllm_fx.layers.quantize_base import UnquantizedLinearMethod
 from pymllm_fx.methods.awq import AWQ_ORDER, AWQLinearMethod
@@ -266,28 +265,6 @@ def _one_value(sites: List[_Site], key, fmt: str, what: str, fix: str):
     return next(iter(values), None)
 
 
-# --- packing ----------------------------------------------------------------------------------------
-
-
-def _int32_bits(words: torch.Tensor) -> torch.Tensor:
-    """int64 words holding 32-bit patterns -> int32 with the same bits."""
-    words = words & 0xFFFFFFFF
-    return (words - ((words >> 31) << 32)).to(torch.int32)
-
-
-def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned ``bits``-bit values ``(R, C)`` -> int32 ``(R, ceil(C / f))``, ``f = 32 // bits``:
-    value j of a word sits at bits ``bits*j`` (low first); a short last word is padded with zeros."""
-    f = 32 // bits
-    values = values.to(torch.int64)
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << bits):
-        raise ValueError(f"pack_last: values must lie in 0..{(1 << bits) - 1}")
-    rows, cols = values.shape
-    padded = F.pad(values, (0, -cols % f))
-    shifts = torch.arange(0, 32, bits, device=values.device, dtype=torch.int64)
-    return _int32_bits((padded.view(rows, -1, f) << shifts).sum(-1))
-
-
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy: safetensors refuses tensors that share memory (views, tied weights)."""
     return t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
@@ -339,7 +316,7 @@ class _AWQ:
 
         def awq_pack(values: torch.Tensor) -> torch.Tensor:  # (R, C) -> (R, C/8), nibble i = column AWQ_ORDER[i]
             rows, cols = values.shape
-            return pack_last(values.reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)].reshape(rows, cols), 4)
+            return pack_words(values.reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)].reshape(rows, cols), 4)
 
         return {"qweight": awq_pack(q.weight.t()), "qzeros": awq_pack(zeros.t()), "scales": q.scales.t()}
 
@@ -395,8 +372,8 @@ class _GPTQ:
         if self.v1:
             zeros = zeros - 1  # every zero point is at least 1 here (symmetric), so no word borrows
         return {
-            "qweight": pack_last(codes, self.bits).t(),
-            "qzeros": pack_last(zeros.t(), self.bits),
+            "qweight": pack_words(codes, self.bits).t(),
+            "qzeros": pack_words(zeros.t(), self.bits),
             "scales": scales.t(),
             "g_idx": g_idx,
         }
@@ -469,12 +446,12 @@ class _CompressedTensors:
                 out["input_scale"] = q.input_scale.float().reshape(1)
             return out
         if q.kind == "int8":
-            packed, scale = pack_last(q.weight.to(torch.int32) + 128, 8), q.scales.reshape(n, 1)
+            packed, scale = pack_words(q.weight.to(torch.int32) + 128, 8), q.scales.reshape(n, 1)
         else:
-            packed, scale = pack_last(q.weight, 4), q.scales  # the stored value q + 8 is the runtime code
+            packed, scale = pack_words(q.weight, 4), q.scales  # the stored value q + 8 is the runtime code
         out = {"weight_packed": packed, "weight_scale": scale}
         if q.kind == "int4" and q.zeros is not None:  # zero_point + 8, packed along the outputs
-            out["weight_zero_point"] = pack_last(q.zeros.t(), 4).t()
+            out["weight_zero_point"] = pack_words(q.zeros.t(), 4).t()
         out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
         return out
 
