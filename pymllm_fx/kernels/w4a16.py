@@ -58,13 +58,18 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return pack_words(codes, 4)
 
 
+def unpack_words(words: torch.Tensor, bits: int, size: Optional[int] = None) -> torch.Tensor:
+    """Inverse of :func:`pack_words`: int32 ``(R, W)`` -> int32 values ``(R, size or W * 32 // bits)``."""
+    rows, count = words.shape
+    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
+    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # masking undoes the sign extension
+    values = values.reshape(rows, count * (32 // bits))
+    return values if size is None else values[:, :size]
+
+
 def unpack_int4(qweight: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: int32 ``(N, K // 8)`` -> uint8 codes ``(N, K)``."""
-    n, words = qweight.shape
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    codes = (qweight.unsqueeze(-1) >> shifts) & 0xF
-    codes = codes.reshape(n, words * PACK_FACTOR).to(torch.uint8)
-    return codes if k is None else codes[:, :k]
+    return unpack_words(qweight, 4, k).to(torch.uint8)
 
 
 def num_groups(k: int, group_size: int) -> int:

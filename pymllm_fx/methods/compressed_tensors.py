@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups
+from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, unpack_words
 from pymllm_fx.layers.parameter import (
     default_weight_loader,
     rank_share,
@@ -82,11 +82,7 @@ TOP_KEYS = (
 
 def unpack_from_int32(packed: torch.Tensor, bits: int, size: int, dim: int) -> torch.Tensor:
     """Signed int32 values from words packed along ``dim`` (0 or 1), ``size`` of them along it."""
-    per_word = 32 // bits
-    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
-    words = packed if dim == 1 else packed.t()
-    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # masking undoes the sign extension
-    values = values.reshape(words.shape[0], words.shape[1] * per_word)[:, :size] - (1 << (bits - 1))
+    values = unpack_words(packed if dim == 1 else packed.t(), bits, size) - (1 << (bits - 1))
     return values if dim == 1 else values.t()
 
 
