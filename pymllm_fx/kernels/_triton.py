@@ -14,7 +14,9 @@ except ImportError:  # triton ships for Linux x86-64 only; elsewhere the ops run
     HAS_TRITON = False
 
     class _Stub:
-        constexpr = None
+        @staticmethod
+        def constexpr(value=None):
+            return value
 
         @staticmethod
         def jit(fn=None, **_):

@@ -3,11 +3,18 @@ and the op.
 
 Runtime layout (every 4-bit method repacks into it in ``process_weights_after_loading``):
 
-- ``qweight`` int32 ``(N, K // 8)``: row n holds the 4-bit codes of output feature n; nibble j
-  (bits ``4j .. 4j+3``) of word i is input feature ``8*i + j``.
+- ``qweight`` int32 ``(N, K // 8)``: the 4-bit codes of output feature n in row n, in tiles of 64
+  input features. Read as int16 ``(N, K // 4)``: element ``16*t + p`` of tile t holds in its nibble
+  j (bits ``4j .. 4j+3``) the code of input feature ``64*t + 16*j + p``. A last tile narrower than
+  64 features (K not a multiple of 64) of width W uses ``W // 4`` for the 16.
 - ``scales`` ``(N, G)`` float, ``G = ceil(K / group_size)``; the last group may be shorter (a tail).
 - ``zeros`` ``(N, G)`` float holding integer zero points 0..15, or ``None`` for symmetric weights,
   whose zero point is 8. The weight is ``(code - zero) * scale``.
+
+Why the tiles: the kernels read 4 codes (one int16) per register half, and a shift plus one
+logic op turns nibble j of two int16 into two 16-bit floats of the same row, 16 features
+apart. So a tile splits into four 16-feature quarters, each a ready tensor-core operand that is
+multiplied with 16 contiguous activations: no shuffles, no trip through shared memory.
 """
 
 from typing import Optional
@@ -16,27 +23,20 @@ import torch
 import torch.nn.functional as F
 
 from pymllm_fx.kernels._checks import FLOATS, check_activation, check_bias, check_tensor
-from pymllm_fx.kernels._triton import (
-    INTERPRET,
-    as_rows,
-    check_contiguous,
-    grouped_tile,
-    num_sms,
-    runs_triton,
-    store_row,
-    store_tile,
-    tl,
-    triton,
-)
+from pymllm_fx.kernels._triton import INTERPRET, as_rows, check_contiguous, runs_triton, tl, triton
 
 PACK_FACTOR = 8
 SYMMETRIC_ZERO = 8
+TILE = 64  # input features per interleaving tile of the runtime layout
+QUARTER = TILE // 4
+_TILE = tl.constexpr(TILE)  # the same, for the kernels
+_QUARTER = tl.constexpr(QUARTER)
 
 
 def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned ``bits``-bit values ``(R, C)`` -> int32 ``(R, ceil(C / f))``, ``f = 32 // bits``:
     value j of a word sits at bits ``bits*j`` (low first); a short last word is padded with zeros.
-    The layout of this runtime format and of GPTQ and compressed-tensors checkpoints alike."""
+    The layout of GPTQ and compressed-tensors checkpoints, and the bit order of the runtime layout."""
     f = 32 // bits
     values = values.to(torch.int64)
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << bits):
@@ -49,15 +49,6 @@ def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack ``(N, K)`` integer codes in 0..15 into int32 ``(N, K // 8)``, low nibble first."""
-    if codes.shape[1] % PACK_FACTOR:
-        raise ValueError(f"pack_int4: K={codes.shape[1]} must be a multiple of {PACK_FACTOR}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
-        raise ValueError("pack_int4: codes must lie in 0..15")
-    return pack_words(codes, 4)
-
-
 def unpack_words(words: torch.Tensor, bits: int, size: Optional[int] = None) -> torch.Tensor:
     """Inverse of :func:`pack_words`: int32 ``(R, W)`` -> int32 values ``(R, size or W * 32 // bits)``."""
     rows, count = words.shape
@@ -67,9 +58,33 @@ def unpack_words(words: torch.Tensor, bits: int, size: Optional[int] = None) -> 
     return values if size is None else values[:, :size]
 
 
+def tile_order(k: int, device=None) -> torch.Tensor:
+    """``order[i]`` = the input feature whose code is the i-th nibble of a packed row (nibble j of
+    word w is nibble ``8*w + j``), for a row of ``k`` features (a multiple of 8)."""
+    pos = torch.arange(k, device=device)
+    start = pos // TILE * TILE
+    quarter = torch.clamp(k - start, max=TILE) // 4
+    local = pos - start  # = 4 * p + j: int16 element p of the tile, its nibble j
+    return start + (local % 4) * quarter + local // 4
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack ``(N, K)`` integer codes in 0..15 into the runtime layout, int32 ``(N, K // 8)``."""
+    k = codes.shape[1]
+    if k % PACK_FACTOR:
+        raise ValueError(f"pack_int4: K={k} must be a multiple of {PACK_FACTOR}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("pack_int4: codes must lie in 0..15")
+    return pack_words(codes[:, tile_order(k, codes.device)], 4)
+
+
 def unpack_int4(qweight: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: int32 ``(N, K // 8)`` -> uint8 codes ``(N, K)``."""
-    return unpack_words(qweight, 4, k).to(torch.uint8)
+    """Inverse of :func:`pack_int4`: int32 ``(N, K // 8)`` -> uint8 codes ``(N, K)`` (or the first k)."""
+    packed = unpack_words(qweight, 4)
+    codes = torch.empty_like(packed)
+    codes[:, tile_order(packed.shape[1], packed.device)] = packed
+    codes = codes.to(torch.uint8)
+    return codes if k is None else codes[:, :k]
 
 
 def num_groups(k: int, group_size: int) -> int:
@@ -116,267 +131,416 @@ def w4a16_reference(
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-# --- Triton kernels ----------------------------------------------------------------------------
-# Codes become floats without an int->float conversion (a quarter-rate instruction): OR-ing a
-# code c into the mantissa of 2**23 gives the float 2**23 + c exactly, and subtracting
-# 2**23 + zero leaves c - zero, exact in float32 (and in bf16/fp16: |c - zero| <= 15).
+# --- Triton: turning codes into tensor-core operands -------------------------------------------
+# The kernels compute out^T = W @ x^T: the weight tile is the left operand, which the tensor-core
+# instructions (mma, and wgmma on Hopper) take from registers, and the few activation rows are
+# the narrow right operand. Triton loads the int16 codes through shared memory straight into the
+# left operand's register layout, and everything below is elementwise on that layout.
+#
+# Fast path (inline PTX, CUDA only), for one 32-bit register holding two int16 e0, e1:
+#   shr   t, r, 4*j                      nibble j of e0 at bits 0..3, of e1 at bits 16..19
+#   lop3  t, t, 0x000F000F, MAGIC        (t & mask) | MAGIC: two 16-bit floats MAGIC + code
+#   fma   w, t, 1.0, -(MAGIC + zero)     code - zero, exact
+#   [fma  w, w, scale, -0.0]             (code - zero) * scale, rounded once as the reference does
+# MAGIC is 128.0 in bf16 (0x4300: the unit of the last mantissa bit is 1) and 1024.0 in fp16
+# (0x6400). Two to three instructions for two weights. The portable path below computes the same
+# values (bit for bit: every step but the scale is exact, and that rounds once in both); Triton's
+# interpreter, which has no inline assembly, and fp32 activations take it.
+# The assembly strings are single lines: Inductor copies a kernel's globals into the Python source
+# it generates, where a multi-line string literal broke the compiled model.
+
+_NIBBLE_BF16 = tl.constexpr("{ .reg .b32 t, one; shr.u32 t, $1, $3; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xea; mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, t, one, $2; }")
+_NIBBLE_BF16_SCALED = tl.constexpr("{ .reg .b32 t, one, nz; shr.u32 t, $1, $4; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xea; mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000; fma.rn.bf16x2 t, t, one, $2; fma.rn.bf16x2 $0, t, $3, nz; }")
+_NIBBLE_FP16 = tl.constexpr("{ .reg .b32 t, one; shr.u32 t, $1, $3; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xea; mov.b32 one, 0x3C003C00; fma.rn.f16x2 $0, t, one, $2; }")
+_NIBBLE_FP16_SCALED = tl.constexpr("{ .reg .b32 t, one, nz; shr.u32 t, $1, $4; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xea; mov.b32 one, 0x3C003C00; mov.b32 nz, 0x80008000; fma.rn.f16x2 t, t, one, $2; fma.rn.f16x2 $0, t, $3, nz; }")
 
 
 @triton.jit
-def _plane(q, j: tl.constexpr, offset):
-    """Nibble j of every word in ``q`` as ``code - zero`` in float32 (``offset`` = 2**23 + zero)."""
-    return (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - offset
+def _nibbles(q, zero, scale, J: tl.constexpr, SCALED: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """Nibble J of every int16 in ``q`` as ``code - zero`` (times ``scale`` if SCALED) in DTYPE.
+
+    ``zero`` and ``scale`` are float32 tensors that broadcast against ``q`` (one value per row)."""
+    if ASM:  # operands: $1 the codes, $2 -(MAGIC + zero), [$3 the scale,] then the shift (twice: 32-bit)
+        shift = tl.full(q.shape, 4 * J, tl.int32)
+        magic = 128.0 if DTYPE == tl.bfloat16 else 1024.0
+        neg_zero = (-(zero + magic)).to(DTYPE)
+        if SCALED:
+            s = scale.to(DTYPE)
+            if DTYPE == tl.bfloat16:
+                return tl.inline_asm_elementwise(_NIBBLE_BF16_SCALED, "=r,r,r,r,r,r", [q, neg_zero, s, shift],
+                                                 dtype=neg_zero.dtype, is_pure=True, pack=2)
+            return tl.inline_asm_elementwise(_NIBBLE_FP16_SCALED, "=r,r,r,r,r,r", [q, neg_zero, s, shift],
+                                             dtype=neg_zero.dtype, is_pure=True, pack=2)
+        if DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_NIBBLE_BF16, "=r,r,r,r,r", [q, neg_zero, shift],
+                                             dtype=neg_zero.dtype, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(_NIBBLE_FP16, "=r,r,r,r,r", [q, neg_zero, shift],
+                                         dtype=neg_zero.dtype, is_pure=True, pack=2)
+    w = (((q.to(tl.int32) >> (4 * J)) & 0xF).to(tl.float32) - zero).to(DTYPE)
+    if SCALED:
+        w = (w.to(tl.float32) * scale.to(DTYPE).to(tl.float32)).to(DTYPE)
+    return w
 
 
 @triton.jit
-def _unpack_tile(q, offset, scale, dtype: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int32 words ``[ROWS, BLOCK_K // 8]`` -> dequantized ``[ROWS, BLOCK_K]`` in K order.
+def _dot(w, x, acc, DOT_F32: tl.constexpr):
+    """``acc + w @ x``; with DOT_F32 in exact float32 (fp32 activations, and Triton's interpreter,
+    whose bf16 dots are wrong; the operands hold values exact in their dtype either way)."""
+    if DOT_F32:
+        return tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w, x, acc)
 
-    The eight nibble planes are joined so that the new axes stay inside each thread (no shuffles):
-    joining evens with odds, recursively, puts plane j of word i at column 8 * i + j.
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, offs, g, HAS_ZEROS: tl.constexpr):
+    """Scale and zero point (float32) of group ``g`` at the row offsets ``offs``."""
+    s = tl.load(s_ptr + offs + g).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + offs + g).to(tl.float32)
+    else:
+        z = tl.full(s.shape, 8.0, tl.float32)
+    return s, z
+
+
+@triton.jit
+def _tile_step(acc, q, x_ptrs, s, z, s_ptr, z_ptr, s_offs, k0, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+               SCALE_IN: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
+    """One K step: the four quarters of the codes ``q`` times the activations at ``x_ptrs`` (the
+    first quarter's; quarter j is 16 features on). ``s``, ``z``: the step's group parameters, with
+    an added trailing axis; with groups under 64 features (SCALE_IN) they are loaded per quarter
+    from ``k0``, the step's first feature."""
+    if SCALE_IN:
+        if GROUP < _TILE:  # each quarter (16 features) lies in one group; reload when it changes
+            s, z = _group_params(s_ptr, z_ptr, s_offs, k0 // GROUP, HAS_ZEROS)
+            s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
+        acc = _dot(_nibbles(q, z, s, 0, True, DTYPE, ASM), tl.load(x_ptrs), acc, DOT_F32)
+        if GROUP < _TILE and GROUP <= _QUARTER:
+            s, z = _group_params(s_ptr, z_ptr, s_offs, (k0 + _QUARTER) // GROUP, HAS_ZEROS)
+            s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
+        acc = _dot(_nibbles(q, z, s, 1, True, DTYPE, ASM), tl.load(x_ptrs + _QUARTER), acc, DOT_F32)
+        if GROUP < _TILE:
+            s, z = _group_params(s_ptr, z_ptr, s_offs, (k0 + 2 * _QUARTER) // GROUP, HAS_ZEROS)
+            s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
+        acc = _dot(_nibbles(q, z, s, 2, True, DTYPE, ASM), tl.load(x_ptrs + 2 * _QUARTER), acc, DOT_F32)
+        if GROUP < _TILE and GROUP <= _QUARTER:
+            s, z = _group_params(s_ptr, z_ptr, s_offs, (k0 + 3 * _QUARTER) // GROUP, HAS_ZEROS)
+            s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
+        acc = _dot(_nibbles(q, z, s, 3, True, DTYPE, ASM), tl.load(x_ptrs + 3 * _QUARTER), acc, DOT_F32)
+    else:  # the exact integers code - zero go into the dot, the scale onto its float32 result
+        part = _dot(_nibbles(q, z, s, 0, False, DTYPE, ASM), tl.load(x_ptrs), tl.zeros(acc.shape, tl.float32), DOT_F32)
+        part = _dot(_nibbles(q, z, s, 1, False, DTYPE, ASM), tl.load(x_ptrs + _QUARTER), part, DOT_F32)
+        part = _dot(_nibbles(q, z, s, 2, False, DTYPE, ASM), tl.load(x_ptrs + 2 * _QUARTER), part, DOT_F32)
+        part = _dot(_nibbles(q, z, s, 3, False, DTYPE, ASM), tl.load(x_ptrs + 3 * _QUARTER), part, DOT_F32)
+        acc += part * s
+    return acc
+
+
+@triton.jit
+def _store_transposed(out_ptr, acc, bias_ptr, offs_n, offs_m, N, M, stride_om, HAS_BIAS: tl.constexpr):
+    """Store the float32 ``(BLOCK_N, BLOCK_M)`` tile of out^T into ``out (M, N)``, plus bias."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_m < M)[None, :])
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_slice, k_slice_q,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT_K: tl.constexpr, SCALE_IN: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """``out = x @ W.T``; K is cut into ``SPLIT_K * SPLIT`` slices of ``k_slice`` features
+    (``k_slice_q = k_slice // 4`` int16 per row), each a multiple of BLOCK_K (a multiple of 64).
+
+    Each program computes a ``(BLOCK_N, BLOCK_M)`` tile of out^T over SPLIT slices of K: with
+    SPLIT > 1, slice s runs on its own warps (a batched dot, summed at the end), which keeps a
+    small-M problem on many warps in one launch without atomics. The slices are contiguous
+    stretches of K: then the group parameters of one step are far apart in memory, and at
+    BLOCK_N = 16 Triton loads them with the warps on the slice axis, as the dot has them (at 32
+    it still converts them through shared memory each step; see benchmarks/NOTES_w4a16.md).
+    With SPLIT_K > 1, programs along grid axis 2 take SPLIT slices each and write float32 partial
+    sums to their own ``(M, N)`` slab of ``out``; the launcher adds the slabs.
+    Rows past N or M are clamped for loading (valid memory, results dropped at the store), so no
+    load is masked. BLOCK_K divides GROUP unless GROUP < 64 (then BLOCK_K is 64 and SCALE_IN), so
+    one step of one slice lies in one group.
     """
-    p0 = (_plane(q, 0, offset) * scale).to(dtype)  # scale 1.0 folds away
-    p1 = (_plane(q, 1, offset) * scale).to(dtype)
-    p2 = (_plane(q, 2, offset) * scale).to(dtype)
-    p3 = (_plane(q, 3, offset) * scale).to(dtype)
-    p4 = (_plane(q, 4, offset) * scale).to(dtype)
-    p5 = (_plane(q, 5, offset) * scale).to(dtype)
-    p6 = (_plane(q, 6, offset) * scale).to(dtype)
-    p7 = (_plane(q, 7, offset) * scale).to(dtype)
-    evens = tl.join(tl.join(p0, p4), tl.join(p2, p6))
-    odds = tl.join(tl.join(p1, p5), tl.join(p3, p7))
-    return tl.reshape(tl.join(evens, odds), (ROWS, BLOCK_K))
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.minimum(offs_n, N - 1)
+    tokens = tl.minimum(offs_m, M - 1)
+    Q: tl.constexpr = BLOCK_K // 4  # int16 per row and step
+    offs_c = tl.arange(0, Q)
+    xcol = offs_c // _QUARTER * _TILE + offs_c % _QUARTER  # quarter 0's feature of column c
+    offs_s = tl.arange(0, SPLIT)
+    q16 = q_ptr.to(tl.pointer_type(tl.int16))
+    DTYPE: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
+    k_begin = pid_k * SPLIT * k_slice
+    if SPLIT == 1:
+        q_ptrs = q16 + rows[:, None] * stride_qn + offs_c[None, :]
+        x_ptrs = x_ptr + tokens[None, :] * stride_xm + xcol[:, None]
+        s_offs = rows * stride_sn
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        q_ptrs = q16 + rows[None, :, None] * stride_qn + (offs_s * k_slice_q)[:, None, None] + offs_c[None, None, :]
+        x_ptrs = x_ptr + tokens[None, None, :] * stride_xm + (offs_s * k_slice)[:, None, None] + xcol[None, :, None]
+        s_offs = rows[None, :] * stride_sn
+        acc = tl.zeros((SPLIT, BLOCK_N, BLOCK_M), tl.float32)
+    for b in range(0, k_slice // BLOCK_K):
+        k0 = k_begin + b * BLOCK_K  # slice 0's first feature of this step
+        q = tl.load(q_ptrs + k0 // 4)
+        if SPLIT == 1:
+            kq = k0
+        else:
+            kq = (k0 + offs_s * k_slice)[:, None]
+        s, z = _group_params(s_ptr, z_ptr, s_offs, kq // GROUP, HAS_ZEROS)
+        acc = _tile_step(acc, q, x_ptrs + k0, tl.expand_dims(s, -1), tl.expand_dims(z, -1), s_ptr, z_ptr, s_offs, kq,
+                         GROUP, HAS_ZEROS, SCALE_IN, DTYPE, ASM, DOT_F32)
+    if SPLIT == 1:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=0)
+    out_ptr += pid_k * M * N
+    _store_transposed(out_ptr, out, bias_ptr, offs_n, offs_m, N, M, stride_om, HAS_BIAS)
+
+
+# --- Triton: the decode GEMV (one activation row) ------------------------------------------------
+# At M = 1 the tensor cores would multiply mostly padding, and the problem is how many weights per
+# second the SM can turn into products. This kernel stays on CUDA cores and keeps every value in the
+# thread that loaded it: 16-byte loads of codes, the matching activations loaded in the same layout
+# (so no data moves between threads inside the loop), one float32 FMA per weight.
+#
+# Codes become floats with one logic op each: a nibble moved to bits 16..19 under exponent 0x43 is
+# the float 128 + code, one at bits 12..15 under 0x45 is 2048 + code. Four shifts of the 32-bit
+# register (two int16, eight codes) put every nibble at one of the two places, so eight weights
+# cost four shifts and eight LOP3s. The magic offsets are removed once per tile through the sum of
+# its activations: sum((M + c) x) - (M + z) sum(x) = sum((c - z) x), exact up to float32 rounding of
+# terms a few times larger than the result.
+
+_MAGIC_CODES = tl.constexpr("{ .reg .b32 a, b, c, d; shl.b32 a, $8, 16; shl.b32 b, $8, 8; shr.b32 c, $8, 8; shr.b32 d, $8, 16; lop3.b32 $0, a, 0x000F0000, 0x43000000, 0xea; lop3.b32 $1, $8, 0x000F0000, 0x43000000, 0xea; lop3.b32 $2, b, 0x0000F000, 0x45000000, 0xea; lop3.b32 $3, c, 0x0000F000, 0x45000000, 0xea; lop3.b32 $4, b, 0x000F0000, 0x43000000, 0xea; lop3.b32 $5, c, 0x000F0000, 0x43000000, 0xea; lop3.b32 $6, $8, 0x0000F000, 0x45000000, 0xea; lop3.b32 $7, d, 0x0000F000, 0x45000000, 0xea; }")
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """``acc + a @ b``; float32 operands stay float32 (Triton would round them to tf32)."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+def _magic_codes(q, ASM: tl.constexpr):
+    """The four nibbles of every int16 in ``q`` as float32: 128 + code for quarters 0 and 2,
+    2048 + code for quarters 1 and 3 (outputs $2j, $2j+1: quarter j of the two int16)."""
+    if ASM:
+        return tl.inline_asm_elementwise(_MAGIC_CODES, "=r,=r,=r,=r,=r,=r,=r,=r,r", [q],
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=2)
+    q32 = q.to(tl.int32)
+    c0 = ((q32 & 0xF) + 128).to(tl.float32)
+    c1 = (((q32 >> 4) & 0xF) + 2048).to(tl.float32)
+    c2 = (((q32 >> 8) & 0xF) + 128).to(tl.float32)
+    c3 = (((q32 >> 12) & 0xF) + 2048).to(tl.float32)
+    return c0, c1, c2, c3
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-    N, K, num_groups, stride_xm, stride_om,
-    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_qn, stride_sn,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILES: tl.constexpr, ASM: tl.constexpr,
 ):
-    """Decode path, one activation row per program column: CUDA-core FMAs, no tensor cores.
+    """``out (1, N) = x (1, K) @ W.T`` for K a multiple of 64 * TILES and GROUP a multiple of 64.
 
-    Each program streams BLOCK_N weight rows one group at a time (one scale and zero per row per
-    step), one nibble plane at a time, so every value stays in the thread that loaded its word;
-    the matching activations (every 8th feature) come from L1. With SPLIT_K > 1 the groups are
-    shared out and the partial sums meet in a zeroed float32 output.
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
-    WORDS: tl.constexpr = GROUP_SIZE // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_w = tl.arange(0, WORDS)
-    k_words = K // 8
-    per_split = tl.cdiv(num_groups, SPLIT_K)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, num_groups)
-    x_row = x_ptr + row * stride_xm
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    for g in range(first, last):
-        word = g * WORDS + offs_w
-        in_k = word < k_words
-        q = tl.load(qweight_ptr + offs_n[:, None] * k_words + word[None, :], mask=n_ok[:, None] & in_k[None, :], other=0)
-        scale = tl.load(scales_ptr + offs_n * num_groups + g, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            offset = tl.load(zeros_ptr + offs_n * num_groups + g, mask=n_ok, other=0.0).to(tl.float32) + 8388608.0
-        else:
-            offset = tl.full((BLOCK_N,), 8388616.0, tl.float32)  # 2**23 + 8
-        offset = offset[:, None]
-        xk = x_row + word * 8
-        part = _plane(q, 0, offset) * tl.load(xk, mask=in_k, other=0.0).to(tl.float32)[None, :]
-        for j in tl.static_range(1, 8):
-            part += _plane(q, j, offset) * tl.load(xk + j, mask=in_k, other=0.0).to(tl.float32)[None, :]
-        acc += part * scale[:, None]
+    A step covers TILES tiles (64 * TILES features) of BLOCK_N rows; the threads lie along K and
+    each holds several rows, so the activations it loads serve all of them."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
+    Q: tl.constexpr = TILES * 16
+    offs_c = tl.arange(0, Q)
+    q_ptrs = q_ptr.to(tl.pointer_type(tl.int16)) + rows[:, None] * stride_qn + offs_c[None, :]
+    # the activation of quarter 0 of column c, laid out like the codes (rows * 0: the same layout)
+    x_ptrs = x_ptr + rows[:, None] * 0 + (offs_c // _QUARTER * _TILE + offs_c % _QUARTER)[None, :]
+    offs_t = tl.arange(0, TILES)
+    offs_f = tl.arange(0, _TILE)
+    odd = (offs_f // _QUARTER % 2 == 1)[None, :]  # quarters 1 and 3 (the 2048 magic)
+    acc = tl.zeros((BLOCK_N, TILES), tl.float32)
+    for b in range(0, K // (_TILE * TILES)):
+        k0 = b * _TILE * TILES
+        q = tl.load(q_ptrs + k0 // 4)
+        c0, c1, c2, c3 = _magic_codes(q, ASM)
+        part = c0 * tl.load(x_ptrs + k0).to(tl.float32) + c1 * tl.load(x_ptrs + k0 + _QUARTER).to(tl.float32)
+        part += c2 * tl.load(x_ptrs + k0 + 2 * _QUARTER).to(tl.float32)
+        part += c3 * tl.load(x_ptrs + k0 + 3 * _QUARTER).to(tl.float32)
+        part = tl.sum(tl.reshape(part, (BLOCK_N, TILES, _QUARTER)), axis=2)  # per row and tile
+        xt = tl.load(x_ptr + k0 + offs_t[:, None] * _TILE + offs_f[None, :]).to(tl.float32)
+        x_all = tl.sum(xt, axis=1)
+        x_odd = tl.sum(tl.where(odd, xt, 0.0), axis=1)
+        s, z = _group_params(s_ptr, z_ptr, rows[:, None] * stride_sn, ((k0 + offs_t * _TILE) // GROUP)[None, :],
+                             HAS_ZEROS)
+        acc += s * (part - (z + 128.0) * x_all[None, :] - 1920.0 * x_odd[None, :])
     out = tl.sum(acc, axis=1)
-    store_row(out_ptr + row * stride_om, out, bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)
-
-
-@triton.jit
-def _w4a16_gemm_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-    M, N, K, num_groups, stride_xm, stride_om,
-    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_F32: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
-):
-    """Tensor-core path: each (BLOCK_N, BLOCK_K) weight tile is dequantized in registers and fed
-    to ``tl.dot``. BLOCK_K divides GROUP_SIZE, so a tile sees one scale per output row.
-
-    SCALE_AFTER_DOT (small M): the tile holds the exact integers ``code - zero`` and the scale
-    multiplies the (BLOCK_M, BLOCK_N) partial product instead of every weight."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    WORDS: tl.constexpr = BLOCK_K // 8
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, WORDS)
-    k_words = K // 8
-    dtype = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b in range(tl.cdiv(K, BLOCK_K)):
-        k = b * BLOCK_K + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
-        word = b * WORDS + offs_w
-        q = tl.load(
-            qweight_ptr + offs_n[:, None] * k_words + word[None, :],
-            mask=n_ok[:, None] & (word < k_words)[None, :],
-            other=0,
-        )
-        group = b * BLOCK_K // GROUP_SIZE
-        scale = tl.load(scales_ptr + offs_n * num_groups + group, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + offs_n * num_groups + group, mask=n_ok, other=0.0).to(tl.float32)
-        else:
-            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-        # fp32 runs (and Triton's interpreter, which mishandles bf16 dots) round the weight to the
-        # activation dtype first, as the reference does.
-        if SCALE_AFTER_DOT:
-            w = _unpack_tile(q, (zero + 8388608.0)[:, None], 1.0, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
-            acc += _dot(x.to(dtype), tl.trans(w.to(dtype)), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_F32) * scale[None, :]
-        else:
-            w = _unpack_tile(q, (zero + 8388608.0)[:, None], scale[:, None], x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
-            acc = _dot(x.to(dtype), tl.trans(w.to(dtype)), acc, DOT_F32)
-    store_tile(out_ptr, acc, bias_ptr, offs_m, offs_n, m_ok, n_ok, stride_om, HAS_BIAS)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows).to(tl.float32)
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
 def _w4a16_dequant_kernel(
-    qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, num_groups,
-    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, stride_sn,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, ASM: tl.constexpr,
 ):
-    """The float weight ``(N, K)`` in the output's dtype, for the dequantize-then-cuBLAS path.
-    BLOCK_K divides GROUP_SIZE, so a tile has one scale per row."""
-    WORDS: tl.constexpr = BLOCK_K // 8
+    """The float weight ``(N, K)`` in the output's dtype: TILES tiles of BLOCK_N rows per program.
+
+    The threads lie along K: a row's codes are one long contiguous read, and each quarter's
+    stores from a warp fill whole 32-byte sectors. It writes at about 2.2 TB/s on an H200, as
+    the one-tile-per-program version did (benchmarks/NOTES_w4a16.md): slower than the previous
+    layout's kernel, whose threads held consecutive features."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    word = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
-    n_ok = offs_n < N
-    k_words = K // 8
-    q = tl.load(qweight_ptr + offs_n[:, None] * k_words + word[None, :], mask=n_ok[:, None] & (word < k_words)[None, :], other=0)
-    group = tl.program_id(1) * BLOCK_K // GROUP_SIZE
-    scale = tl.load(scales_ptr + offs_n * num_groups + group, mask=n_ok, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        zero = tl.load(zeros_ptr + offs_n * num_groups + group, mask=n_ok, other=0.0).to(tl.float32)
-    else:
-        zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-    w = _unpack_tile(q, (zero + 8388608.0)[:, None], scale[:, None], out_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + offs_n[:, None] * K + k[None, :], w, mask=n_ok[:, None] & (k < K)[None, :])
+    rows = tl.minimum(offs_n, N - 1)
+    Q: tl.constexpr = TILES * _QUARTER
+    c = tl.program_id(1) * Q + tl.arange(0, Q)  # int16 column within the row
+    q = tl.load(q_ptr.to(tl.pointer_type(tl.int16)) + rows[:, None] * stride_qn + c[None, :])
+    feature = c // _QUARTER * _TILE + c % _QUARTER  # of quarter 0
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    asm: tl.constexpr = ASM and dtype != tl.float32
+    n_ok = (offs_n < N)[:, None]
+    dst = out_ptr + offs_n[:, None] * K + feature[None, :]
+    for j in tl.static_range(4):
+        s, z = _group_params(s_ptr, z_ptr, rows[:, None] * stride_sn, ((feature + j * _QUARTER) // GROUP)[None, :],
+                             HAS_ZEROS)
+        tl.store(dst + j * _QUARTER, _nibbles(q, z, s, j, True, dtype, asm), mask=n_ok)
 
 
 # --- path choice and launch ---------------------------------------------------------------------
-# Paths and block shapes by M (activation rows), from benchmarks/tune.py on the H100 at the
-# Llama-3-8B shapes: the GEMV for one row, the fused tensor-core GEMM up to DEQUANT_MIN_M rows,
-# then dequantize-then-cuBLAS, where the dequantization is a small share of the matmul.
-GEMV_MAX_M = 1
-DEQUANT_MIN_M = 64
+# Block shapes by M from benchmarks/tune.py on the H200 at the Llama-3-8B shapes (see README).
 
 
-def _gemv_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
-    block_n = 32 if n * k <= (1 << 24) else 64 if n < 16384 else 128
-    programs = -(-n // block_n) * m
-    groups = num_groups(k, group_size)
-    split_k = 1
-    while programs * split_k < 4 * num_sms(device) and split_k < 4 and groups >= 4 * split_k:
-        split_k *= 2
-    return dict(BLOCK_N=block_n, SPLIT_K=split_k, num_warps=8 if block_n == 64 else 4, num_stages=2)
+MMA_MAX_M = 64  # past this, dequantize-then-cuBLAS is faster than the fused tensor-core kernel
 
 
-def _gemm_config(m: int, n: int, k: int, group_size: int) -> dict:
+def fast_path_ok(k: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels take this shape: whole 64-feature tiles, and a group size that is
+    a multiple of 64 or one of 16 and 32 (so a quarter never straddles two groups)."""
+    return k % TILE == 0 and (group_size % TILE == 0 or group_size in (16, 32)) and dtype in FLOATS
+
+
+def _fit_block_k(block_k: int, k: int, group_size: int, split: int) -> int:
+    """The largest BLOCK_K <= block_k (a power-of-two multiple of 64) with SPLIT * BLOCK_K dividing
+    K and BLOCK_K dividing the group size (BLOCK_K = 64 for groups under 64)."""
+    if group_size < TILE:
+        return TILE
+    while block_k > TILE and (k % (split * block_k) or group_size % block_k):
+        block_k //= 2
+    return block_k
+
+
+def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
+    """Tensor-core block shapes by M (from benchmarks/tune.py on the H200, Llama-3-8B shapes): warps
+    split K within a program for narrow N; wide N has programs enough, and takes wgmma tiles."""
     if m <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
-    elif m <= 32:
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
-    return dict(cfg, GROUP_M=8, SCALE_AFTER_DOT=m <= 32)
+        block_m = 8 if m <= 8 else 16
+        if n >= 16384:
+            return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256, SPLIT=1, SPLIT_K=2, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=64, SPLIT=8, num_stages=3)
+    return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=128 if n >= 16384 else 64, BLOCK_K=128, SPLIT=1, SPLIT_K=2,
+                num_warps=4, num_stages=3)
+
+
+def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
+    """``(M, K) -> (M, N)`` on the tensor-core kernel (``fast_path_ok`` must hold)."""
+    from torch.library import wrap_triton
+
+    m, k = x2.shape
+    n = qweight.shape[0]
+    cfg = {"SCALE_IN": False, "SPLIT": 1, "SPLIT_K": 1, **(config or _config(m, n, k, group_size, x2.device))}
+    if cfg["SPLIT"] > 1:  # Triton puts the warps on the batch axis first: one warp per K slice, none idle or doubled
+        cfg["num_warps"] = cfg["SPLIT"]
+    while cfg["SPLIT_K"] > 1 and k % (cfg["SPLIT_K"] * cfg["SPLIT"] * TILE):
+        cfg["SPLIT_K"] //= 2
+    while cfg["SPLIT"] > 1 and k % (cfg["SPLIT_K"] * cfg["SPLIT"] * TILE):
+        cfg["SPLIT"] //= 2
+        cfg["num_warps"] = max(cfg["SPLIT"], 1)
+    cfg["BLOCK_K"] = _fit_block_k(cfg["BLOCK_K"], k // cfg["SPLIT_K"], group_size, cfg["SPLIT"])
+    if group_size < TILE or group_size % cfg["BLOCK_K"]:
+        cfg["SCALE_IN"] = True
+    dot_f32 = INTERPRET or x2.dtype == torch.float32
+    asm = cfg.pop("ASM", True) and not dot_f32  # ASM=False: the portable path, for the GPU test against it
+    split_k = cfg["SPLIT_K"]
+    k_slice = k // (split_k * cfg["SPLIT"])
+    # SPLIT_K > 1: float32 partial sums, one (M, N) slab per K slice, added here (deterministic;
+    # under torch.compile the sum, bias and cast fuse into whatever consumes the output)
+    out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), device=x2.device,
+                      dtype=torch.float32 if split_k > 1 else x2.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
+    wrap_triton(_w4a16_kernel)[grid](
+        x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
+        m, n, k, x2.stride(0), qweight.stride(0) * 2, scales.stride(0), n, k_slice, k_slice // 4,
+        GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None and split_k == 1, ASM=asm,
+        DOT_F32=dot_f32, **cfg,
+    )
+    if split_k == 1:
+        return out
+    out = out.sum(0)
+    if bias is not None:
+        out += bias
+    return out.to(x2.dtype)
+
+
+def gemv_ok(k: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether the GEMV takes this shape: whole tiles, no group smaller than a tile, 16-bit
+    activations (its magic-offset sums keep about 16 bits: plenty for a 16-bit output, not for
+    float32, which the exact tensor-core path serves)."""
+    return k % TILE == 0 and group_size % TILE == 0 and dtype in (torch.bfloat16, torch.float16)
 
 
 def w4a16_gemv(x2, qweight, scales, zeros, group_size, bias, config=None):
-    """``(M, K) -> (M, N)`` on the decode kernel."""
+    """``(1, K) -> (1, N)`` on the decode GEMV (``gemv_ok`` must hold)."""
     from torch.library import wrap_triton
 
-    m, k = x2.shape
+    k = x2.shape[1]
     n = qweight.shape[0]
-    cfg = config or _gemv_config(m, n, k, group_size, x2.device)
-    split_k = cfg["SPLIT_K"]
-    out = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if split_k == 1 else torch.zeros(
-        (m, n), device=x2.device, dtype=torch.float32
-    )
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
-    wrap_triton(_w4a16_gemv_kernel)[grid](
+    cfg = dict(config or dict(BLOCK_N=16, TILES=64, num_warps=8))
+    asm = cfg.pop("ASM", True) and not INTERPRET
+    while k % (TILE * cfg["TILES"]):
+        cfg["TILES"] //= 2
+    out = torch.empty((1, n), device=x2.device, dtype=x2.dtype)
+    wrap_triton(_w4a16_gemv_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-        n, k, scales.shape[1], x2.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, **cfg,
-    )
-    return out if split_k == 1 else out.to(x2.dtype)
-
-
-def w4a16_gemm(x2, qweight, scales, zeros, group_size, bias, config=None):
-    """``(M, K) -> (M, N)`` on the tensor-core kernel."""
-    from torch.library import wrap_triton
-
-    m, k = x2.shape
-    n = qweight.shape[0]
-    cfg = {"SCALE_AFTER_DOT": False, **(config or _gemm_config(m, n, k, group_size))}
-    if group_size % cfg["BLOCK_K"]:
-        raise ValueError(f"w4a16_gemm: BLOCK_K={cfg['BLOCK_K']} must divide group_size={group_size}")
-    out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    wrap_triton(_w4a16_gemm_kernel)[grid](
-        x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-        m, n, k, scales.shape[1], x2.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-        DOT_F32=INTERPRET or x2.dtype == torch.float32, **cfg,
+        n, k, qweight.stride(0) * 2, scales.stride(0),
+        GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, ASM=asm, **cfg,
     )
     return out
 
 
-def w4a16_dequantize(qweight, scales, zeros, group_size, dtype, config=None):
-    """The float ``(N, K)`` weight, on the dequantize kernel."""
+def w4a16_dequantize(qweight, scales, zeros, group_size, dtype, block_n: int = 8, tiles: int = 16,
+                      asm: Optional[bool] = None):
+    """The float ``(N, K)`` weight, on the dequantize kernel (``fast_path_ok`` must hold)."""
     from torch.library import wrap_triton
 
     n, k = qweight.shape[0], qweight.shape[1] * PACK_FACTOR
-    cfg = config or dict(BLOCK_N=32, BLOCK_K=min(128, group_size), num_warps=4)
-    if group_size % cfg["BLOCK_K"]:
-        raise ValueError(f"w4a16_dequantize: BLOCK_K={cfg['BLOCK_K']} must divide group_size={group_size}")
+    while (k // TILE) % tiles:
+        tiles //= 2
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))
-    wrap_triton(_w4a16_dequant_kernel)[grid](
-        qweight, scales, zeros if zeros is not None else scales, out, n, k, scales.shape[1],
-        GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, **cfg,
+    asm = (not INTERPRET) if asm is None else asm
+    wrap_triton(_w4a16_dequant_kernel)[(triton.cdiv(n, block_n), k // (TILE * tiles))](
+        qweight, scales, zeros if zeros is not None else scales, out, n, k, qweight.stride(0) * 2, scales.stride(0),
+        GROUP=group_size, HAS_ZEROS=zeros is not None, BLOCK_N=block_n, TILES=tiles, ASM=asm, num_warps=4,
     )
     return out
 
 
 def w4a16_triton(x, qweight, scales, zeros, group_size, bias):
-    """The GPU path of the op: GEMV for decode-sized M, the fused GEMM in between, and
-    dequantize-then-cuBLAS for large M (or fp32 activations past decode sizes)."""
+    """The GPU path of the op: the GEMV for one row, the tensor-core kernel up to MMA_MAX_M rows,
+    dequantize-then-cuBLAS past it, and the exact reference for shapes the kernels do not take
+    (K not in whole 64-feature tiles, group sizes that split a 16-feature quarter)."""
     x2 = as_rows(x)
-    m = x2.shape[0]
-    if group_size < 16 or group_size > 256 or group_size & (group_size - 1):
-        # Triton block shapes are powers of two; other group sizes take the (exact) reference.
-        out = w4a16_reference(x2, qweight, scales, zeros, group_size, bias)
-    elif m <= GEMV_MAX_M:
+    m, k = x2.shape
+    if m == 1 and gemv_ok(k, group_size, x2.dtype):
         out = w4a16_gemv(x2, qweight, scales, zeros, group_size, bias)
-    elif m < DEQUANT_MIN_M and x2.dtype != torch.float32:
-        out = w4a16_gemm(x2, qweight, scales, zeros, group_size, bias)
-    else:
+    elif fast_path_ok(k, group_size, x2.dtype) and m <= MMA_MAX_M:
+        out = w4a16_mma(x2, qweight, scales, zeros, group_size, bias)
+    elif fast_path_ok(k, group_size, x2.dtype):  # compute-bound: the weight once in float, then cuBLAS
         weight = w4a16_dequantize(qweight, scales, zeros, group_size, x2.dtype)
         out = F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
+    else:
+        out = w4a16_reference(x2, qweight, scales, zeros, group_size, bias)
     return out.reshape(*x.shape[:-1], qweight.shape[0])
 
 

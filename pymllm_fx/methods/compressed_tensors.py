@@ -27,9 +27,9 @@ rank's in features a multiple of ``32 / bits`` and of ``group_size``; with asymm
 (packed along N, last word padded) each logical weight's and each rank's out features a multiple
 of ``32 / bits``. ``create_weights`` refuses other sizes before anything loads.
 
-4-bit runs on ``w4a16_linear``: the runtime layout packs eight 4-bit codes per int32 in the same
-order, and its symmetric zero point 8 is the format's offset, so ``weight_packed`` becomes
-``qweight`` unchanged; asymmetric zero points become ``zero_point + 8``. A "channel" scale is
+4-bit runs on ``w4a16_linear``: its symmetric zero point 8 is the format's offset, so each stored
+``q + 8`` is the runtime code, repacked into the runtime layout's 64-feature tiles; asymmetric zero
+points become ``zero_point + 8``. A "channel" scale is
 repeated over groups of 128 (exact). 8-bit symmetric "channel" runs on ``w8a16_linear``.
 
 ``float-quantized`` (or ``naive-quantized``) e4m3 weights with e4m3 activations: see
@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, unpack_words
+from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4, unpack_words
 from pymllm_fx.layers.parameter import (
     default_weight_loader,
     rank_share,
@@ -233,8 +233,8 @@ class PackedIntLinearMethod(LinearMethodBase):
         replace_parameters(
             layer, remove,
             {
-                # Same nibble order as the runtime layout, and the stored q + 8 is the runtime code.
-                "qweight": layer.weight_packed.data.contiguous(),
+                # The stored q + 8 is the runtime code; the runtime layout orders it in 64-feature tiles.
+                "qweight": pack_int4(unpack_words(layer.weight_packed.data, 4, k)),
                 "scales": scales.contiguous(),
                 "zeros": None if zeros is None else zeros.contiguous(),
             },

@@ -22,13 +22,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-# Small shapes: tails in N (not a multiple of any block) and K (a short last group, a partial block).
-SMALL = [(1, 40, 200, 64), (3, 24, 256, 32), (5, 33, 576, 128), (17, 70, 136, 64)]  # (M, N, K, group)
+# Small shapes: tails in N (not a multiple of any block) and M; K in whole 64-feature tiles (the
+# int4 kernel's domain), groups from 16 to per-channel, a tail group (K=192, group 128).
+SMALL = [(1, 40, 256, 64), (3, 24, 256, 32), (5, 33, 512, 128), (17, 70, 192, 64), (9, 20, 128, 16), (2, 12, 192, 128),
+         (4, 24, 256, 256)]  # (M, N, K, group)
+W4_CFGS = [  # one-warp-group K splits (SPLIT > 1: batched dots), plain tiles, scale in the dot or after it
+    dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=64, SPLIT=2, num_warps=2, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT=4, num_warps=4, num_stages=2, SCALE_IN=True),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT=1, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, SPLIT=1, num_warps=4, num_stages=2, SCALE_IN=True),
+    dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=64, SPLIT=1, SPLIT_K=2, num_warps=4, num_stages=2),  # K over programs too
+]
+W4_GEMV_CFGS = [dict(BLOCK_N=16, TILES=2, num_warps=4), dict(BLOCK_N=8, TILES=1, num_warps=2)]
 GEMV_CFGS = [
     dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=2),
     dict(BLOCK_N=8, BLOCK_K=64, SPLIT_K=3, num_warps=4, num_stages=2),
 ]
-W4_GEMV_CFGS = [dict(BLOCK_N=16, SPLIT_K=1, num_warps=4, num_stages=2), dict(BLOCK_N=8, SPLIT_K=3, num_warps=4, num_stages=2)]
 GEMM_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -50,14 +59,49 @@ def test_w4a16_kernels_match_reference(m, n, k, group_size, asym, dtype):
     x = torch.randn(m, k).to(DEVICE, dtype)
     bias = torch.randn(n).to(DEVICE, dtype)
     ref = w4a16.w4a16_reference(x, qweight, scales, zeros, group_size, bias)
-    for cfg in W4_GEMV_CFGS:
-        out = w4a16.w4a16_gemv(x, qweight, scales, zeros, group_size, bias, cfg)
+    assert w4a16.fast_path_ok(k, group_size, dtype)
+    for cfg in W4_CFGS:
+        out = w4a16.w4a16_mma(x, qweight, scales, zeros, group_size, bias, dict(cfg))
         assert out.dtype == dtype and rel_err(out, ref) <= REL_TOL[dtype], cfg
-    for after in (False, True):
-        out = w4a16.w4a16_gemm(x, qweight, scales, zeros, group_size, bias, dict(GEMM_CFG, SCALE_AFTER_DOT=after))
-        assert rel_err(out, ref) <= REL_TOL[dtype]
-    weight = w4a16.w4a16_dequantize(qweight, scales, zeros, group_size, dtype)
+    weight = w4a16.w4a16_dequantize(qweight, scales, zeros, group_size, dtype, block_n=16, tiles=2)
     assert rel_err(weight, w4a16.dequantize_int4(qweight, scales, zeros, group_size).to(dtype)) <= REL_TOL[dtype] / 2
+    if w4a16.gemv_ok(k, group_size, dtype):  # the decode GEMV, one row at a time
+        for row in range(m):
+            for cfg in W4_GEMV_CFGS:
+                out = w4a16.w4a16_gemv(x[row:row + 1], qweight, scales, zeros, group_size, bias, dict(cfg))
+                assert rel_err(out, ref[row:row + 1]) <= REL_TOL[dtype], cfg
+
+
+@pytest.mark.parametrize("k, group_size", [(200, 64), (136, 8), (256, 48)])
+def test_w4a16_shapes_off_the_kernel_take_the_reference(k, group_size):
+    """K not in whole 64-feature tiles, or a group that splits a 16-feature quarter: the op is still exact."""
+    seed("w4-off", k, group_size)
+    assert not w4a16.fast_path_ok(k, group_size, torch.bfloat16)
+    qweight, scales, zeros = w4_weights(24, k, group_size, torch.bfloat16, True)
+    x = torch.randn(3, k).to(DEVICE, torch.bfloat16)
+    out = w4a16.w4a16_triton(x, qweight, scales, zeros, group_size, None)
+    assert torch.equal(out, w4a16.w4a16_reference(x, qweight, scales, zeros, group_size))
+
+
+@pytest.mark.skipif(not CUDA, reason="inline PTX runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+@pytest.mark.parametrize("m, n, k, group_size", SMALL + [(1, 4096, 4096, 128), (8, 6144, 4096, 128), (64, 512, 14336, 128)])
+def test_w4a16_inline_ptx_is_bit_exact_with_the_portable_path(m, n, k, group_size, asym, dtype):
+    seed("w4-asm", m, n, k, group_size, asym, dtype)
+    qweight, scales, zeros = w4_weights(n, k, group_size, dtype, asym)
+    x = torch.randn(m, k).to(DEVICE, dtype)
+    for cfg in W4_CFGS:
+        fast = w4a16.w4a16_mma(x, qweight, scales, zeros, group_size, None, dict(cfg))
+        portable = w4a16.w4a16_mma(x, qweight, scales, zeros, group_size, None, dict(cfg, ASM=False))
+        assert torch.equal(fast, portable), cfg
+    fast = w4a16.w4a16_dequantize(qweight, scales, zeros, group_size, dtype)
+    assert torch.equal(fast, w4a16.w4a16_dequantize(qweight, scales, zeros, group_size, dtype, asm=False))
+    if w4a16.gemv_ok(k, group_size, dtype):
+        for cfg in W4_GEMV_CFGS + [dict(BLOCK_N=16, TILES=64, num_warps=8)]:
+            fast = w4a16.w4a16_gemv(x[:1], qweight, scales, zeros, group_size, None, dict(cfg))
+            portable = w4a16.w4a16_gemv(x[:1], qweight, scales, zeros, group_size, None, dict(cfg, ASM=False))
+            assert torch.equal(fast, portable), cfg
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

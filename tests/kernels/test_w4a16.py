@@ -18,13 +18,23 @@ REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def manual_unpack(qweight: torch.Tensor) -> list:
-    """Bit-by-bit unpacking with Python ints: nibble j of word i is feature 8*i + j."""
+    """Bit-by-bit unpacking with Python ints, from the layout's definition in kernels/w4a16.py: read
+    as int16 (little-endian halves of each word), element 16*t + p of 64-feature tile t holds in
+    nibble j the code of feature 64*t + 16*j + p; a last tile of width W uses W // 4 for 16."""
     rows = []
     for row in qweight.tolist():
-        codes = []
+        halves = []
         for word in row:
             word &= 0xFFFFFFFF
-            codes.extend((word >> (4 * j)) & 0xF for j in range(8))
+            halves += [word & 0xFFFF, word >> 16]
+        k = 4 * len(halves)
+        codes = [None] * k
+        for e, half in enumerate(halves):
+            start = e * 4 // 64 * 64
+            quarter = min(64, k - start) // 4
+            p = e - start // 4
+            for j in range(4):
+                codes[start + j * quarter + p] = (half >> (4 * j)) & 0xF
         rows.append(codes)
     return rows
 
@@ -67,26 +77,30 @@ def test_unpack_pack_round_trip_from_words(words):
     assert torch.equal(pack_int4(unpack_int4(qweight)), qweight)
 
 
-@pytest.mark.parametrize(
-    "codes, word",
-    [
-        (list(range(8)), 0x76543210),
-        (list(range(8, 16)), 0xFEDCBA98 - 2**32),  # top nibble set -> negative int32
-        ([15] * 8, -1),
-        ([1, 0, 0, 0, 0, 0, 0, 0], 1),
-        ([0, 0, 0, 0, 0, 0, 0, 1], 0x10000000),
-        ([0, 0, 0, 0, 0, 0, 0, 8], -(2**31)),
-    ],
-)
-def test_pack_golden(codes, word):
-    packed = pack_int4(torch.tensor([codes], dtype=torch.uint8))
-    assert packed.tolist() == [[word]]
-    assert unpack_int4(packed).tolist() == [codes]
+def test_pack_golden_one_word():
+    """K = 8: one tile of width 8, quarters of 2 features: int16 element p holds features p, 2+p,
+    4+p, 6+p in nibbles 0..3."""
+    packed = pack_int4(torch.tensor([list(range(8))], dtype=torch.uint8))
+    # element 0: codes of features 0, 2, 4, 6; element 1: features 1, 3, 5, 7
+    assert packed.tolist() == [[0x7531_6420]]
+    assert unpack_int4(packed).tolist() == [list(range(8))]
 
 
-def test_pack_two_words_order():
-    codes = torch.tensor([list(range(16))], dtype=torch.uint8)
-    assert pack_int4(codes).tolist() == [[0x76543210, 0xFEDCBA98 - 2**32]]
+def test_pack_golden_full_tile():
+    """K = 64: element p (0..15) holds features p, 16+p, 32+p, 48+p."""
+    codes = torch.tensor([[f % 16 for f in range(64)]], dtype=torch.uint8)  # feature f has code f % 16
+    packed = pack_int4(codes)
+    halves = [(w & 0xFFFF, (w >> 16) & 0xFFFF) for w in (v & 0xFFFFFFFF for v in packed[0].tolist())]
+    flat = [h for pair in halves for h in pair]
+    assert flat == [p * 0x1111 for p in range(16)]  # all four quarters of column p hold code p
+    codes = torch.tensor([[f // 16 for f in range(64)]], dtype=torch.uint8)  # quarter index as the code
+    flat = [h for w in pack_int4(codes)[0].tolist() for h in (w & 0xFFFF, (w >> 16) & 0xFFFF)]
+    assert flat == [0x3210] * 16
+
+
+def test_pack_top_nibble_gives_negative_words():
+    packed = pack_int4(torch.full((1, 8), 15, dtype=torch.uint8))
+    assert packed.tolist() == [[-1]]
 
 
 def test_unpack_truncates_to_k():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn import Parameter
 
-from pymllm_fx.kernels.w4a16 import pack_int4, unpack_int4
+from pymllm_fx.kernels.w4a16 import pack_words, unpack_words
 from pymllm_fx.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -250,11 +250,12 @@ class PackedInt4Method(LinearMethodBase):
 
 
 def pack(codes: torch.Tensor, along: str) -> torch.Tensor:
-    return pack_int4(codes) if along == "in" else pack_int4(codes.t().contiguous()).t().contiguous()
+    """Eight codes per int32 in order (GPTQ's packing), along the input or the output dimension."""
+    return pack_words(codes, 4) if along == "in" else pack_words(codes.t().contiguous(), 4).t().contiguous()
 
 
 def unpack_packed(qweight: torch.Tensor, along: str) -> torch.Tensor:
-    return unpack_int4(qweight) if along == "in" else unpack_int4(qweight.t().contiguous()).t()
+    return unpack_words(qweight, 4) if along == "in" else unpack_words(qweight.t().contiguous(), 4).t()
 
 
 def codes_like(rows: int, cols: int) -> torch.Tensor:

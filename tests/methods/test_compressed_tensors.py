@@ -114,7 +114,7 @@ def test_int4_single_word_through_the_method():
     q = torch.tensor([[-8, -7, -6, -5, -4, -3, -2, -1], [7, 6, 5, 4, 3, 2, 1, 0]])
     tensors = {"weight_packed": ct_pack(q, 4), "weight_scale": torch.ones(2, 1), "weight_shape": torch.tensor([2, 8])}
     layer = load_layer(CompressedTensorsLinearMethod.from_config(int_config(strategy="group", group_size=32)), 8, 2, tensors)
-    assert layer.qweight.tolist() == [[0x76543210], [0x89ABCDEF - 2**32]]
+    assert layer.qweight.tolist() == [[0x75316420], [0x8ACE9BDF - 2**32]]  # runtime order: features 0,2,4,6 | 1,3,5,7
     assert torch.equal(runtime_weight(layer), q.double())
 
 
