@@ -1,5 +1,7 @@
 """Sweep the Triton kernels' block shapes on the GPU at the Llama-3-8B linear shapes; print the best
-per (kernel, shape, M) against bf16 cuBLAS and write every timing to JSON.
+per (kernel, shape, M) against bf16 cuBLAS and write every timing to JSON. For w4a16: the decode
+GEMV's shapes at M = 1, the tensor-core kernel's (BLOCK_N, BLOCK_K, SPLIT warps on K, stages,
+SPLIT_K programs on K) at every M, and dequantize-then-cuBLAS from M = 64.
 
 The winners become the config tables in ``pymllm_fx/kernels/*.py``. Usage (on a CUDA machine):
     pip install -e . && python benchmarks/tune.py --json benchmarks/results/tune.json [--families w4a16,w8a16,fp8]
@@ -60,9 +62,31 @@ GEMV_BASE = [
     dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
     for bn, bk, w, s in itertools.product([8, 16, 32], [256, 512], [4], [2, 4])
 ] + [dict(BLOCK_N=32, BLOCK_K=bk, num_warps=8, num_stages=3) for bk in (256, 512)]
-W4_GEMV_BASE = [
-    dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in itertools.product([32, 64, 128], [4, 8], [2, 3, 4])
-]
+
+
+def w4_candidates(m):
+    """Tensor-core kernel configs for one M: (BLOCK_N, BLOCK_K, SPLIT (warps on K slices), stages, SPLIT_K)."""
+    bm = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    if m <= 16:
+        grid = [(16, 64, 8, 3, 1), (16, 64, 16, 2, 1), (32, 64, 8, 3, 1), (32, 64, 16, 3, 1), (32, 128, 8, 3, 1),
+                (16, 128, 8, 3, 1), (64, 64, 8, 3, 1), (64, 128, 4, 3, 1), (32, 64, 8, 3, 2), (64, 64, 8, 3, 2),
+                (64, 128, 4, 3, 4), (32, 128, 4, 4, 4), (32, 64, 4, 4, 1), (16, 64, 4, 4, 2)]
+        cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_stages=st, SPLIT_K=sk) for bn, bk, sp, st, sk in grid]
+        return cfgs + [dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk, SPLIT=1, num_warps=4, num_stages=4, SPLIT_K=sk)
+                       for bk, sk in ((256, 1), (256, 4), (128, 2))]
+    if m <= 64:
+        grid = [(32, 64, 8, 3, 1), (32, 64, 8, 3, 2), (64, 64, 8, 3, 1), (64, 64, 8, 3, 2), (64, 64, 4, 3, 4),
+                (64, 128, 4, 3, 2), (32, 128, 4, 3, 4)]
+        cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_stages=st, SPLIT_K=sk) for bn, bk, sp, st, sk in grid]
+        return cfgs + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT=1, num_warps=w, num_stages=3, SPLIT_K=sk)
+                       for bn, w, sk in ((64, 4, 1), (64, 4, 2), (64, 4, 4), (128, 4, 1), (128, 4, 2), (128, 8, 2))]
+    grid = [(64, 128, 128, 4, 3, 1), (64, 128, 128, 4, 3, 2), (128, 128, 128, 8, 3, 1), (128, 128, 64, 8, 4, 1),
+            (128, 64, 128, 4, 3, 1), (128, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 2)]
+    if m >= 1024:
+        grid += [(256, 128, 128, 8, 3, 1), (128, 256, 128, 8, 3, 1), (128, 256, 64, 8, 3, 1)]
+    cfgs = [dict(BLOCK_M=a, BLOCK_N=b, BLOCK_K=c, SPLIT=1, num_warps=w, num_stages=st, SPLIT_K=sk, SCALE_IN=True)
+            for a, b, c, w, st, sk in grid]
+    return cfgs + [dict(c, SCALE_IN=False) for c in cfgs[:4]]
 
 
 def gemm_candidates(m, family):
@@ -75,21 +99,26 @@ def gemm_candidates(m, family):
     else:
         grid = itertools.product([64, 128], [128, 256], [64, 128], [4, 8], [3, 4])
     cfgs = [dict(BLOCK_M=a, BLOCK_N=b, BLOCK_K=c, GROUP_M=8, num_warps=w, num_stages=s) for a, b, c, w, s in grid]
-    if family == "w4a16" and m <= 32:
-        cfgs += [dict(c, SCALE_AFTER_DOT=True) for c in cfgs]
     return cfgs
 
 
 def family_paths(family, m):
     """(path name, config or None, fn(x, w, config)) candidates for one M."""
     if family == "w4a16":
-        gemv = lambda x, w, c: w4a16.w4a16_gemv(x, w["qweight"], w["scales"], w["zeros"], GROUP, None, c)  # noqa: E731
-        gemm = lambda x, w, c: w4a16.w4a16_gemm(x, w["qweight"], w["scales"], w["zeros"], GROUP, None, c)  # noqa: E731
+        mma = lambda x, w, c: w4a16.w4a16_mma(x, w["qweight"], w["scales"], w["zeros"], GROUP, None, c)  # noqa: E731
 
         def deq(x, w, c):
             return F.linear(x, w4a16.w4a16_dequantize(w["qweight"], w["scales"], w["zeros"], GROUP, x.dtype))
 
         ref = lambda x, w: w4a16.w4a16_reference(x, w["qweight"], w["scales"], w["zeros"], GROUP)  # noqa: E731
+        paths = [("mma", c, mma) for c in w4_candidates(m)]
+        if m == 1:  # the CUDA-core decode GEMV: (BLOCK_N, TILES of 64 features per step, warps)
+            gemv = lambda x, w, c: w4a16.w4a16_gemv(x, w["qweight"], w["scales"], w["zeros"], GROUP, None, c)  # noqa: E731
+            paths = [("gemv", dict(BLOCK_N=bn, TILES=t, num_warps=nw), gemv)
+                     for bn, t, nw in ((16, 64, 8), (16, 32, 8), (16, 16, 4), (8, 32, 8), (32, 16, 8), (8, 16, 4))] + paths
+        if m >= 64:
+            paths.append(("dequant+cublas", None, deq))
+        return paths, ref
     elif family == "w8a16":
         gemv = lambda x, w, c: w8a16.w8a16_gemv(x, w["qweight"], w["scales"], None, c)  # noqa: E731
         gemm = lambda x, w, c: w8a16.w8a16_gemm(x, w["qweight"], w["scales"], None, c)  # noqa: E731
@@ -103,7 +132,7 @@ def family_paths(family, m):
     paths = []
     if m <= 8:
         splits = [1, 2, 4] if family != "fp8" else [None]
-        for base, split in itertools.product(W4_GEMV_BASE if family == "w4a16" else GEMV_BASE, splits):
+        for base, split in itertools.product(GEMV_BASE, splits):
             cfg = dict(base) if split is None else dict(base, SPLIT_K=split)
             paths.append(("gemv", cfg, gemv))
     paths += [("gemm", c, gemm) for c in gemm_candidates(m, family)]
