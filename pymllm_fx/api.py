@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from pymllm_fx.loading import (
     iter_weights,
     load_weights,
 )
+from pymllm_fx.loading.files import CheckpointRoot
+from pymllm_fx.loading.loader import check_headers
 from pymllm_fx.loading.export import save_quantized  # noqa: F401  (public, re-exported here)
 from pymllm_fx.loading.hf import build_on_meta, materialize_buffers, read_config
 from pymllm_fx.methods.registry import MethodSpec, resolve, resolve_checkpoint
@@ -78,8 +81,11 @@ def quantize(
         already = f"; {done} layers are already quantized by pymllm_fx (quantize the original model instead)" if done else ""
         raise ValueError(f"every linear layer of {type(model).__name__} is skipped ({reasons}){already}; nothing to quantize")
 
-    for site in plan:  # a dry run on meta: create_weights errors surface before any real work
-        _build_layer(site, quant_method, "meta", tp)
+    # A dry run on meta: create_weights errors surface before any real work, and a checkpoint's
+    # headers are held against every parameter's shape before anything is allocated.
+    dry = {site.path: _build_layer(site, quant_method, "meta", tp) for site in plan}
+    if weights is not None:
+        _check_fits(model, dry, checkpoint_tensors(weights), weights)
     build = functools.partial(_build_layer, quant_method=quant_method, device=device, tp=tp)
     if weights is None:
         layers = _quantize_own_weights(model, plan, build, progress)
@@ -116,10 +122,16 @@ def from_pretrained(
     quantize(model, quant_method, weights=path, skip=skip, device=device, progress=progress, process_group=process_group)
     materialize_buffers(model, device)
     generation = Path(path) / "generation_config.json"
-    if generation.is_file() and getattr(model, "generation_config", None) is not None:
+    if (generation.exists() or generation.is_symlink()) and getattr(model, "generation_config", None) is not None:
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+        values = CheckpointRoot(Path(path)).read_json(generation, "generation config")
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{generation}: expected a JSON object, found {type(values).__name__}")
+        try:
+            model.generation_config = GenerationConfig.from_dict(values)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{generation}: transformers cannot read it ({err})") from None
     return model.eval()
 
 
@@ -130,6 +142,11 @@ def _open_checkpoint(
     header entries."""
     config = read_config(path)
     stored = config.get("quantization_config")
+    if stored is not None and not (isinstance(stored, dict) and isinstance(stored.get("quant_method"), str)):
+        raise CheckpointError(
+            f"{path / 'config.json'}: quantization_config must be an object with a string 'quant_method', "
+            f"found {str(stored)[:80]}"
+        )
     if stored is not None and method is not None and resolve(method).name != _stored_name(stored):
         raise ValueError(
             f"{path} is already quantized ({_stored_name(stored)!r} in config.json); drop method= to load it "
@@ -142,10 +159,52 @@ def _open_checkpoint(
     except ValueError as err:
         raise CheckpointError(f"{path / 'config.json'}: {err}") from None
     tensors = checkpoint_tensors(path)  # reads only headers: a corrupt file fails before any work
-    model = build_on_meta(path, dtype)
+    _check_layer_count(config, tensors, path)
+    model = build_on_meta(path, dtype, config)
+    _check_modules_present(model, tensors, path)
     if stored is not None:
         skip = _with_float_layers(skip, tensors)
     return model, quant_method, skip, tensors
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _check_layer_count(config: dict, tensors: Dict[str, Any], path: Path) -> None:
+    """A config that asks for more layers than any layer stack of the checkpoint holds is refused
+    before the model is built (building thousands of empty layers alone takes seconds to minutes)."""
+    held = [int(m.group(1)) for name in tensors for m in [_LAYER_INDEX.search(name)] if m]
+    if not held:
+        return
+    most = max(held) + 1
+    for key in _LAYER_COUNT_KEYS:
+        asked = config.get(key)
+        if isinstance(asked, int) and asked > most:
+            raise CheckpointError(
+                f"{path / 'config.json'}: {key} is {asked} but the checkpoint's tensors hold at most {most} layers; "
+                f"the config is not this checkpoint's"
+            )
+
+
+def _check_modules_present(model: nn.Module, tensors: Dict[str, Any], path: Path) -> None:
+    """Every module holding weights must have tensors in the checkpoint (tied ones excepted), checked
+    on the meta model before the graph is captured or anything is allocated."""
+    prefixes = set()
+    for name in tensors:
+        parts = name.split(".")
+        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    found = {id(p) for name, module in model.named_modules() if name in prefixes for p in module.parameters(recurse=False)}
+    absent = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and name not in prefixes and not all(id(p) in found for p in own):
+            absent.append(name or type(module).__name__)
+    if absent:
+        raise CheckpointError(
+            f"{path}: the checkpoint holds no tensors for {len(absent)} module(s) config.json describes, e.g. "
+            f"{absent[:5]}; the config is not this checkpoint's, or the checkpoint is incomplete"
+        )
 
 
 def explain_checkpoint(
@@ -159,15 +218,18 @@ def explain_checkpoint(
     """
     path = Path(path)
     model, quant_method, skip, tensors = _open_checkpoint(path, method, None, skip)
+    sites = find_linears(model)
+    dry = {site.path: _build_layer(site, quant_method, "meta") for site in sites if skip_reason(site, skip) is None}
+    _check_fits(model, dry, tensors, path)
     report = Explanation()
-    for site in find_linears(model):
+    for site in sites:
         float_bytes = (site.in_features + site.bias) * site.out_features * site.dtype.itemsize
         reason = skip_reason(site, skip)
         if reason is not None:
             report.rows.append(LayerRow(site.path, "-", f"stays float: {reason}", f"{site.out_features} x {site.in_features}",
                                         float_bytes, float_bytes))
             continue
-        layer = _build_layer(site, quant_method, "meta")
+        layer = dry[site.path]
         if getattr(quant_method, "prequantized", False):
             stored = sum(info.nbytes for name, info in tensors.items() if name.rpartition(".")[0] == site.path)
         else:
@@ -368,16 +430,11 @@ def _load_checkpoint(
     Tensors still on ``meta`` (a model built without weights) are staged on ``device`` and become
     the model's parameters at the end; real ones are copied in place, keeping their device.
     """
-    targets: Dict[str, LoadTarget] = {}
+    targets = _layer_targets(layers)
     replaced = set(layers)
-    for path, layer in layers.items():
-        for name, param in layer.named_parameters():
-            transform = (lambda t: t.t()) if (layer.checkpoint_transposed and name == "weight") else None
-            targets[f"{path}.{name}"] = LoadTarget(param, transform=transform, owner=path)
-
     staged: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def stage(name: str, tensor: torch.Tensor, required: bool) -> None:
+    def stage(name: str, tensor: torch.Tensor, required: bool, finite: bool = True) -> None:
         if id(tensor) not in staged:
             where = tensor.device
             if where.type == "meta":
@@ -385,7 +442,7 @@ def _load_checkpoint(
                     raise ValueError(f"{name} is on the meta device; pass device= to say where to load it")
                 where = torch.device(device)
             staged[id(tensor)] = (tensor, torch.empty_like(tensor, device=where))
-        targets[name] = LoadTarget(staged[id(tensor)][1], required=required, owner=name.rpartition(".")[0])
+        targets[name] = LoadTarget(staged[id(tensor)][1], required=required, owner=name.rpartition(".")[0], finite=finite)
 
     for name, param in model.named_parameters(remove_duplicate=False):
         if name.rpartition(".")[0] not in replaced:
@@ -393,7 +450,7 @@ def _load_checkpoint(
     for name, buffer in model.named_buffers():
         if name.rpartition(".")[0] not in replaced:
             # Buffers computed at construction (non-persistent) may still be in old checkpoints.
-            stage(name, buffer, required=_is_persistent(model, name) and buffer.device.type == "meta")
+            stage(name, buffer, required=_is_persistent(model, name) and buffer.device.type == "meta", finite=False)
     seen = set()
     stream = tqdm(iter_weights(weights), desc="loading", unit="tensor", disable=not progress)
     try:
@@ -414,6 +471,38 @@ def _load_checkpoint(
             else:
                 tensor.copy_(value)
     _rebind(model, new_params)
+
+
+def _check_fits(model: nn.Module, dry: Dict[str, nn.Module], tensors: Dict[str, Any], weights) -> None:
+    """The checkpoint's headers against what the model would allocate (see ``check_headers``)."""
+    try:
+        check_headers(_load_targets(model, dry), tensors)
+    except CheckpointError as err:
+        raise CheckpointError(f"{weights}: {err}\nNothing was allocated and the model was left unchanged.") from None
+
+
+def _layer_targets(layers: Dict[str, nn.Module]) -> Dict[str, LoadTarget]:
+    """Checkpoint name -> parameter, for the new layers (a Conv1D's weight arrives transposed)."""
+    targets: Dict[str, LoadTarget] = {}
+    for path, layer in layers.items():
+        for name, param in layer.named_parameters():
+            transform = (lambda t: t.t()) if (layer.checkpoint_transposed and name == "weight") else None
+            targets[f"{path}.{name}"] = LoadTarget(param, transform=transform, owner=path)
+    return targets
+
+
+def _load_targets(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, LoadTarget]:
+    """Every name a checkpoint must (or may) hold for ``model`` with ``layers`` swapped in; the
+    parameters are the tensors as they are now (meta, for the check before allocation)."""
+    targets = _layer_targets(layers)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name.rpartition(".")[0] not in layers:
+            targets[name] = LoadTarget(param, owner=name.rpartition(".")[0])
+    for name, buffer in model.named_buffers():
+        if name.rpartition(".")[0] not in layers:
+            required = _is_persistent(model, name) and buffer.device.type == "meta"
+            targets[name] = LoadTarget(buffer, required=required, owner=name.rpartition(".")[0], finite=False)
+    return targets
 
 
 def _rebind(model: nn.Module, new: Dict[int, torch.Tensor]) -> None:

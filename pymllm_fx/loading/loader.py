@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -12,6 +13,7 @@ from pymllm_fx.layers.quantize_base import QuantizeMethodBase
 from pymllm_fx.loading.safetensors_io import CheckpointError
 
 _MAX_LISTED = 20
+_CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -19,7 +21,8 @@ class LoadTarget:
     """Where one named tensor goes: a parameter, the shard of it, and a layout change on the way.
 
     ``transform`` adapts the tensor first, e.g. the transpose of a GPT-2 ``Conv1D`` weight.
-    ``required=False`` marks targets (persistent buffers) a checkpoint may leave out.
+    ``required=False`` marks targets (persistent buffers) a checkpoint may leave out. ``finite``:
+    a float tensor holding NaN or Inf is refused (weights; buffers may hold -inf masks).
     """
 
     param: torch.Tensor
@@ -27,6 +30,7 @@ class LoadTarget:
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     required: bool = True
     owner: str = ""
+    finite: bool = True
 
 
 def load_weights(targets: Dict[str, LoadTarget], weights: Iterable[Tuple[str, torch.Tensor]]) -> int:
@@ -48,6 +52,11 @@ def load_weights(targets: Dict[str, LoadTarget], weights: Iterable[Tuple[str, to
             problems.append(f"{name}: appears more than once in the checkpoint")
             continue
         where = f"{target.owner}: " if target.owner else ""
+        if target.finite and tensor.dtype in _CHECKED_FLOATS and not bool(torch.isfinite(tensor).all()):
+            first = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+            problems.append(f"{where}tensor {name.rpartition('.')[2]!r} holds NaN or Inf (first at index {first}); "
+                            f"the checkpoint is corrupt")
+            continue
         try:
             if target.transform is not None:
                 tensor = target.transform(tensor)
@@ -62,6 +71,34 @@ def load_weights(targets: Dict[str, LoadTarget], weights: Iterable[Tuple[str, to
     if problems or unexpected or missing:
         raise CheckpointError(_report(problems, unexpected, missing))
     return len(seen)
+
+
+def check_headers(targets: Dict[str, LoadTarget], headers: Dict[str, Any]) -> None:
+    """A checkpoint's headers against the parameters before they are allocated, so allocation is
+    bounded by what the checkpoint holds: a parameter larger than the tensor meant to fill it, or a
+    module the checkpoint holds no tensor of (a config that does not describe this checkpoint:
+    more layers, wider layers) is one ``CheckpointError`` with both shapes. Everything else (exact
+    shapes, single missing or extra tensors) the loaders check as the tensors arrive."""
+    present = {name: 1 for name in headers if name in targets}
+    prefixes = {name.rpartition(".")[0] for name in headers}
+    prefixes |= {p for name in prefixes for p in _parents(name)}
+    too_big, absent = [], []
+    for name, target in targets.items():
+        info = headers.get(name)
+        if info is not None and target.param.numel() > math.prod(info.shape):
+            where = f"{target.owner}: " if target.owner else ""
+            too_big.append(f"{where}tensor {name!r}: expected shape {tuple(target.param.shape)}, found {tuple(info.shape)} "
+                           f"(the model would allocate {target.param.numel()} elements, the checkpoint holds {math.prod(info.shape)})")
+        elif info is None and target.required and target.owner not in prefixes \
+                and not _alias_loaded(name, target, targets, present):
+            absent.append(name)
+    if too_big or absent:
+        raise CheckpointError(_report(too_big, [], absent))
+
+
+def _parents(path: str):
+    parts = path.split(".")
+    return (".".join(parts[:i]) for i in range(1, len(parts)))
 
 
 def _alias_loaded(name: str, target: LoadTarget, targets: Dict[str, LoadTarget], seen: Dict[str, int]) -> bool:

@@ -32,6 +32,11 @@ from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4
 from pymllm_fx.layers.parameter import rank_share, register_param, replace_parameters, unaligned_output
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import (
+    check_dequantized_range,
+    config_bool,
+    config_int,
+    config_names,
+    config_str,
     check_config_keys,
     checkpoint_group,
     expand_groups,
@@ -160,6 +165,7 @@ class AWQLinearMethod(LinearMethodBase):
                 f"{where}: tensor 'scales' holds NaN or Inf (first at [group, out] = {bad}); the checkpoint "
                 f"is corrupt or was not saved from a finished AWQ run"
             )
+        check_dequantized_range(where, scales, 15, getattr(layer, "params_dtype", scales.dtype))
         codes = unpack_awq(layer.qweight.data).t()  # (N, K)
         zeros = unpack_awq(layer.qzeros.data).t()  # (N, K // g)
         runtime_size = runtime_group(self.group_size)
@@ -207,21 +213,24 @@ class AWQLinearMethod(LinearMethodBase):
             ("bits", "w_bit", "group_size", "q_group_size", "zero_point", "version", "format", "desc_act",
              "modules_to_not_convert") + IGNORED_KEYS,
         )
-        if config.get("desc_act"):
+        if config_bool(cls.name, config, "desc_act", False):
             raise ValueError("awq: desc_act=true does not apply to AWQ checkpoints (they have no g_idx); remove it")
+        bits = _one_of(config, ("bits", "w_bit"), 4)
+        group_size = _one_of(config, ("group_size", "q_group_size"), 128)
+        version = _one_of(config, ("version", "format"), "gemm")
         return cls(
-            bits=int(_one_of(config, ("bits", "w_bit"), 4)),
-            group_size=int(_one_of(config, ("group_size", "q_group_size"), 128)),
-            zero_point=bool(config.get("zero_point", True)),
-            version=str(_one_of(config, ("version", "format"), "gemm")),
-            modules_to_not_convert=tuple(config.get("modules_to_not_convert") or ()),
+            bits=config_int(cls.name, {"bits": bits}, "bits", 4),
+            group_size=config_int(cls.name, {"group_size": group_size}, "group_size", 128),
+            zero_point=config_bool(cls.name, config, "zero_point", True),
+            version=config_str(cls.name, {"version": version}, "version", "gemm"),
+            modules_to_not_convert=config_names(cls.name, config, "modules_to_not_convert"),
         )
 
 
 def _one_of(config: dict, keys: Tuple[str, str], default: Any) -> Any:
     """The value under either of two synonymous keys; refuses the two when they disagree."""
     found = {key: config[key] for key in keys if config.get(key) is not None}
-    normalized = {str(value).lower() if isinstance(value, str) else value for value in found.values()}
+    normalized = {str(value).lower() if isinstance(value, str) else repr(value) for value in found.values()}
     if len(normalized) > 1:
         raise ValueError(f"awq: quantization_config has conflicting {' and '.join(f'{k}={v!r}' for k, v in found.items())}")
     return next(iter(found.values()), default)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import re
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,89 @@ def check_config_keys(method: str, config: dict, accepted: Iterable[str]) -> Non
         raise ValueError(
             f"quantization_config for {method!r} has unknown keys {unknown}; "
             f"accepted keys: {sorted(allowed)}"
+        )
+
+
+# Typed reads of a quantization_config: a value of the wrong form is a ValueError that names the key
+# and the form expected, not a TypeError from deep inside (``bits: [4]``, ``group_size: 1e999``).
+
+
+def config_int(method: str, config: dict, key: str, default: Optional[int]) -> Optional[int]:
+    """``config[key]`` as an int (a JSON integer; bools and floats are refused), or ``default``."""
+    value = config.get(key, default)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ValueError(f"{method}: quantization_config[{key!r}] must be an integer, found {_shown(value)}")
+
+
+def config_bool(method: str, config: dict, key: str, default: bool) -> bool:
+    value = config.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{method}: quantization_config[{key!r}] must be true or false, found {_shown(value)}")
+
+
+def config_str(method: str, config: dict, key: str, default: Optional[str]) -> Optional[str]:
+    value = config.get(key, default)
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(f"{method}: quantization_config[{key!r}] must be a string, found {_shown(value)}")
+
+
+def config_names(method: str, config: dict, key: str) -> Tuple[str, ...]:
+    """A list of module names (a lone string is one name, not its characters; absent or null: none)."""
+    value = config.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"{method}: quantization_config[{key!r}] must be a list of module names, found {_shown(value)}")
+
+
+def config_pattern(method: str, key: str, pattern: Any) -> "re.Pattern":
+    """A checkpoint's regular expression, compiled now: a bad one names the key and the pattern."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{method}: {key} holds {_shown(pattern)}, not a pattern string")
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{method}: {key} holds the pattern {pattern!r}, which is not a valid regular expression "
+                         f"({err})") from None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:60] + '...'}"
+
+
+def check_finite(where: str, name: str, t: torch.Tensor, positive: bool = False) -> None:
+    """Refuse NaN/Inf values (and non-positive ones where they divide), naming layer and tensor."""
+    if not t.dtype.is_floating_point:
+        return
+    bad = ~torch.isfinite(t)
+    if positive:
+        bad |= t <= 0
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        what = "NaN, Inf or non-positive values" if positive else "NaN or Inf"
+        raise ValueError(
+            f"{where}: tensor {name!r} holds {what} (first at index {first}); the checkpoint is corrupt, "
+            f"was saved before calibration finished, or a shard of this merged layer was never loaded"
+        )
+
+
+def check_dequantized_range(where: str, scales: torch.Tensor, max_code: float, dtype: torch.dtype) -> None:
+    """Scales that turn the largest code into a value ``dtype`` cannot hold (an AWQ scale of 3e38 is
+    finite, and overflows once multiplied by 15) are refused before they run."""
+    top = float(scales.detach().abs().max()) * max_code if scales.numel() else 0.0
+    if dtype.is_floating_point and top > torch.finfo(dtype).max:
+        raise ValueError(
+            f"{where}: scales up to {float(scales.abs().max()):.3g} times codes up to {max_code:g} exceed the largest "
+            f"{dtype} ({torch.finfo(dtype).max:.3g}); the weights would overflow to Inf. The checkpoint is corrupt"
         )
 
 

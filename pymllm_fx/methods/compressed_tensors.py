@@ -59,8 +59,8 @@ from pymllm_fx.layers.parameter import (
     unaligned_output,
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
-from pymllm_fx.methods.common import check_config_keys
-from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, check_finite, explain_errors
+from pymllm_fx.methods.common import check_config_keys, check_dequantized_range, check_finite, config_pattern
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, explain_errors
 from pymllm_fx.methods.int4 import GROUP_SIZES
 
 # The w4a16 group size a "channel" scale is repeated over: exact, and a tile size the kernels have.
@@ -212,6 +212,7 @@ class PackedIntLinearMethod(LinearMethodBase):
         n, k = layer.weight_packed.shape[0], layer.input_size_per_partition
         scales = layer.weight_scale.data
         check_finite(where, "weight_scale", scales)
+        check_dequantized_range(where, scales, 128 if self.num_bits == 8 else 15, getattr(layer, "params_dtype", scales.dtype))
         scales = exact_in(scales, getattr(layer, "params_dtype", scales.dtype))
         remove = ("weight_packed", "weight_scale", "weight_shape")
         if self.num_bits == 8:
@@ -383,6 +384,11 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
         ignore = config.get("ignore") or ()
         if isinstance(ignore, str):
             ignore = (ignore,)
+        if not isinstance(ignore, (list, tuple)) or not all(isinstance(i, str) for i in ignore):
+            raise ValueError(f"compressed-tensors: 'ignore' must be a list of module names or 're:' patterns, found {ignore!r}")
+        for where, pattern in [("ignore", i) for i in ignore] + [("targets", t) for t in targets]:
+            if pattern.startswith("re:"):
+                config_pattern(cls.name, f"quantization_config {where} entry", pattern[3:])
         return cls(targets=targets, ignore=tuple(ignore))
 
 
@@ -482,6 +488,11 @@ def _parse_args(where: str, args: Any) -> Dict[str, Any]:
     unknown = sorted(set(args) - set(ARGS_KEYS))
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown}; accepted keys: {sorted(ARGS_KEYS)}")
+    for key, kinds in (("num_bits", int), ("type", str), ("symmetric", bool), ("dynamic", (bool, str)),
+                       ("strategy", str), ("group_size", int), ("actorder", (bool, str))):
+        value = args.get(key)
+        if value is not None and (not isinstance(value, kinds) or (kinds is int and isinstance(value, bool))):
+            raise ValueError(f"{where}: {key!r} must be {getattr(kinds, '__name__', 'bool or str')}, found {value!r}")
     out = {
         "num_bits": int(args.get("num_bits", 8)),
         "type": str(args.get("type", "int")).lower(),

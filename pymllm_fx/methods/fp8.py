@@ -17,7 +17,7 @@ import torch
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX, quantize_fp8_per_channel
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
-from pymllm_fx.methods.common import check_config_keys
+from pymllm_fx.methods.common import check_config_keys, check_finite, config_str
 
 WEIGHT_STRATEGIES = ("channel", "tensor")
 _MIN_SCALE = 1e-12  # as quantize_fp8_per_channel: an all-zero weight keeps a finite scale
@@ -59,6 +59,7 @@ class Fp8LinearMethod(LinearMethodBase):
         create_float_weight(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        check_finite(getattr(layer, "prefix", "") or "layer", "weight", layer.weight.data)  # else NaN scales
         if self.weight_strategy == "tensor":
             weight, weight_scale = quantize_fp8_per_tensor(layer.weight.data)
         else:
@@ -76,10 +77,10 @@ class Fp8LinearMethod(LinearMethodBase):
     @classmethod
     def from_config(cls, config: dict) -> "Fp8LinearMethod":
         check_config_keys(cls.name, config, ("activation_scheme", "weight_strategy"))
-        scheme = config.get("activation_scheme", "dynamic")
+        scheme = config_str(cls.name, config, "activation_scheme", "dynamic")
         if scheme != "dynamic":
             raise ValueError(
                 f"fp8: activation_scheme {scheme!r} needs calibrated input scales from a checkpoint; "
                 f"quantizing from float weights supports only 'dynamic'"
             )
-        return cls(weight_strategy=str(config.get("weight_strategy", "channel")).lower())
+        return cls(weight_strategy=config_str(cls.name, config, "weight_strategy", "channel").lower())

@@ -49,7 +49,7 @@ from pymllm_fx.layers.parameter import (
     replace_parameters,
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase
-from pymllm_fx.methods.common import check_config_keys
+from pymllm_fx.methods.common import check_config_keys, check_finite, config_names, config_str
 
 _MIN_SCALE = 1e-12  # the op's floor for a dynamic scale (kernels/fp8_w8a8.py)
 # Shard ids of merged layers (linear.py): integers for gate/up, letters for q/k/v.
@@ -111,17 +111,14 @@ def parse_block_size(value: Any) -> Tuple[int, int]:
     return check_block_size("fp8 checkpoint: weight_block_size", value)
 
 
-def check_finite(where: str, name: str, t: torch.Tensor, positive: bool = False) -> None:
-    """Refuse NaN/Inf scales (and non-positive ones where they divide), naming layer and tensor."""
-    bad = ~torch.isfinite(t)
-    if positive:
-        bad |= t <= 0
-    if bool(bad.any()):
-        first = bad.nonzero()[0].tolist()
-        what = "NaN, Inf or non-positive values" if positive else "NaN or Inf"
+def check_fp8_codes(where: str, name: str, weight: torch.Tensor) -> None:
+    """e4m3 (float8_e4m3fn) has no infinities; its NaN is every code with all exponent and
+    mantissa bits set (0x7F, 0xFF). A weight holding one is refused, naming the first."""
+    nan = (weight.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(nan.any()):
         raise ValueError(
-            f"{where}: tensor {name!r} holds {what} (first at index {first}); the checkpoint is corrupt, "
-            f"was saved before calibration finished, or a shard of this merged layer was never loaded"
+            f"{where}: tensor {name!r} holds the e4m3 NaN code (first at index {nan.nonzero()[0].tolist()}); "
+            f"the checkpoint is corrupt"
         )
 
 
@@ -290,6 +287,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         if layer.weight.dtype != FP8_DTYPE:
             return  # an ignored layer: its float weight runs as it is
         where = getattr(layer, "prefix", "") or "layer"
+        check_fp8_codes(where, "weight", layer.weight.data)
         if self.weight_strategy == "block":
             # The op runs on the checkpoint's layout as loaded; only unfilled or corrupt scales stop it.
             check_finite(where, self.block_scale_name, getattr(layer, self.block_scale_name).data)
@@ -345,14 +343,14 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             config,
             ("activation_scheme", "weight_block_size", "ignored_layers", "modules_to_not_convert", "fmt"),
         )
-        fmt = config.get("fmt", "e4m3")
+        fmt = config_str(cls.name, config, "fmt", "e4m3")
         if fmt != "e4m3":
             raise NotImplementedError(
                 f"fp8 checkpoint: fmt {fmt!r} is not supported; only e4m3 (float8_e4m3fn) weights load"
             )
-        ignored = tuple(config.get("ignored_layers") or ()) + tuple(config.get("modules_to_not_convert") or ())
+        ignored = config_names(cls.name, config, "ignored_layers") + config_names(cls.name, config, "modules_to_not_convert")
         return cls(
-            activation_scheme=config.get("activation_scheme", "dynamic"),
+            activation_scheme=config_str(cls.name, config, "activation_scheme", "dynamic"),
             weight_block_size=config.get("weight_block_size"),
             ignored_layers=ignored,
         )

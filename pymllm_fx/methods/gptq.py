@@ -45,6 +45,11 @@ from pymllm_fx.layers.parameter import (
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import (
+    check_dequantized_range,
+    config_bool,
+    config_int,
+    config_pattern,
+    config_str,
     check_config_keys,
     checkpoint_group,
     expand_groups,
@@ -212,6 +217,7 @@ class GPTQLinearMethod(LinearMethodBase):
                 f"{where}: tensor 'scales' holds NaN or Inf (first at [group, out] = {bad}); the checkpoint "
                 f"is corrupt or was not saved from a finished GPTQ run"
             )
+        check_dequantized_range(where, scales, (1 << bits) - 1, getattr(layer, "params_dtype", scales.dtype))
 
         # g_idx: which group each input feature belongs to. On a tensor-parallel rank it counts groups
         # of the whole layer, so this rank's first group is subtracted.
@@ -306,27 +312,32 @@ class GPTQLinearMethod(LinearMethodBase):
             cls.name, config, ("bits", "group_size", "sym", "desc_act", "static_groups", "checkpoint_format", "format")
             + IGNORED_KEYS
         )
-        if config.get("is_marlin_format"):
+        if config_bool(cls.name, config, "is_marlin_format", False):
             raise ValueError("gptq: is_marlin_format=true checkpoints use the Marlin layout, which is not supported")
-        if config.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
+        if config_str(cls.name, config, "pack_dtype", "int32") not in ("int32", "torch.int32"):
             raise ValueError(f"gptq: pack_dtype {config['pack_dtype']!r} is not supported; only int32-packed checkpoints load")
         dynamic = config.get("dynamic") or {}
+        if not isinstance(dynamic, dict):
+            raise ValueError(f"gptq: quantization_config['dynamic'] must be an object of module patterns, found {dynamic!r}")
+        for key in dynamic:
+            config_pattern(cls.name, "quantization_config['dynamic']", key[2:] if key.startswith(("-:", "+:")) else key)
         overrides = [key for key in dynamic if not str(key).startswith("-:")]
         if overrides:
             raise ValueError(
                 f"gptq: per-module 'dynamic' overrides {overrides[:3]} are not supported yet (only '-:' rules, "
                 f"which leave a module unquantized)"
             )
-        formats = {str(config[key]).lower() for key in ("checkpoint_format", "format") if config.get(key) is not None}
+        formats = {config_str(cls.name, config, key, None).lower() for key in ("checkpoint_format", "format")
+                   if config.get(key) is not None}
         if len(formats) > 1:
             raise ValueError(f"gptq: quantization_config has conflicting checkpoint_format and format: {sorted(formats)}")
         return cls(
-            bits=int(config.get("bits", 4)),
-            group_size=int(config.get("group_size", 128)),
-            sym=bool(config.get("sym", True)),
-            desc_act=bool(config.get("desc_act", False)),
-            checkpoint_format=str(next(iter(formats), "gptq")),
-            static_groups=bool(config.get("static_groups", False)),
+            bits=config_int(cls.name, config, "bits", 4),
+            group_size=config_int(cls.name, config, "group_size", 128),
+            sym=config_bool(cls.name, config, "sym", True),
+            desc_act=config_bool(cls.name, config, "desc_act", False),
+            checkpoint_format=next(iter(formats), "gptq"),
+            static_groups=config_bool(cls.name, config, "static_groups", False),
             skip_patterns=tuple(str(key)[2:] for key in dynamic),
         )
 

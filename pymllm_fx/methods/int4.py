@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
-from pymllm_fx.methods.common import check_config_keys
+from pymllm_fx.methods.common import check_config_keys, check_finite, config_bool, config_int
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -90,6 +90,7 @@ class Int4LinearMethod(LinearMethodBase):
         create_float_weight(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        check_finite(getattr(layer, "prefix", "") or "layer", "weight", layer.weight.data)  # else NaN scales
         codes, scales, zeros = quantize_int4(layer.weight.data, self.group_size, self.sym)
         replace_parameters(
             layer, ("weight",), {"qweight": pack_int4(codes), "scales": scales, "zeros": zeros}
@@ -109,6 +110,6 @@ class Int4LinearMethod(LinearMethodBase):
     @classmethod
     def from_config(cls, config: dict) -> "Int4LinearMethod":
         check_config_keys(cls.name, config, ("group_size", "sym", "bits"))
-        if config.get("bits", 4) != 4:
+        if config_int(cls.name, config, "bits", 4) != 4:
             raise ValueError(f"int4: bits must be 4, got {config['bits']}")
-        return cls(group_size=int(config.get("group_size", 128)), sym=bool(config.get("sym", False)))
+        return cls(group_size=config_int(cls.name, config, "group_size", 128), sym=config_bool(cls.name, config, "sym", False))

@@ -13,7 +13,7 @@ import torch
 
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
-from pymllm_fx.methods.common import check_config_keys
+from pymllm_fx.methods.common import check_config_keys, check_finite
 
 INT8_MAX = 127
 
@@ -45,6 +45,7 @@ class Int8LinearMethod(LinearMethodBase):
         create_float_weight(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        check_finite(getattr(layer, "prefix", "") or "layer", "weight", layer.weight.data)  # else NaN scales
         codes, scales = quantize_int8(layer.weight.data)
         replace_parameters(layer, ("weight",), {"qweight": codes, "scales": scales})
 

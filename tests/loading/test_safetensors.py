@@ -66,14 +66,31 @@ def test_single_file(tmp_path):
     assert_same(list(iter_weights(str(tmp_path / "model.safetensors"))), tensors)  # str path too
 
 
-def test_directory_of_shards(tmp_path):
+def test_directory_of_unindexed_shards_is_refused(tmp_path):
+    """Without an index there is no telling which files form the model (transformers reads the
+    index or model.safetensors, nothing else)."""
     torch.manual_seed(1)
-    first = random_tensors({"x.weight": (2, 2), "y.weight": (3,)})
-    second = random_tensors({"z.weight": (5, 1)})
-    save_file(first, str(tmp_path / "part-1.safetensors"))
-    save_file(second, str(tmp_path / "part-2.safetensors"))
+    save_file(random_tensors({"x.weight": (2, 2)}), str(tmp_path / "part-1.safetensors"))
+    save_file(random_tensors({"z.weight": (5, 1)}), str(tmp_path / "part-2.safetensors"))
+    with pytest.raises(CheckpointError, match=r"several safetensors files.*part-1.*part-2.*no index"):
+        list(iter_weights(tmp_path))
+
+
+def test_directory_reads_model_safetensors_and_ignores_other_files(tmp_path):
+    torch.manual_seed(1)
+    model = random_tensors({"x.weight": (2, 2), "y.weight": (3,)})
+    save_file(model, str(tmp_path / "model.safetensors"))
+    save_file(random_tensors({"layers.0.w": (4,)}), str(tmp_path / "consolidated.safetensors"))  # Mistral's copy
+    save_file(random_tensors({"lora_A": (2,)}), str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "README.md").write_text("not a checkpoint")
-    assert_same(list(iter_weights(tmp_path)), {**first, **second})
+    assert_same(list(iter_weights(tmp_path)), model)
+
+
+def test_lone_file_of_another_name_is_the_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    model = random_tensors({"x.weight": (2, 2)})
+    save_file(model, str(tmp_path / "weights.safetensors"))
+    assert_same(list(iter_weights(tmp_path)), model)
 
 
 @pytest.mark.parametrize("via", ["index_file", "directory"])
@@ -109,7 +126,7 @@ def test_index_claims_tensor_the_shard_lacks(tmp_path):
 
 def test_invalid_index_json(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not valid JSON"):
         list(iter_weights(tmp_path))
 
 
