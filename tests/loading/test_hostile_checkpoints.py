@@ -594,3 +594,30 @@ def test_a_valid_checkpoint_still_loads_under_the_guards(tmp_path):
     for fmt in ("awq", "gptq", "compressed-tensors", "fp8"):
         with limited(120):
             run_entry("from_pretrained", quantized_dir(tmp_path / fmt, fmt))
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "compressed-tensors", "fp8"])
+def test_each_checkpoint_format_is_held_to_the_same_rules(tmp_path, canary, fmt):
+    """The file-level classes do not depend on the format; checked once per format anyway."""
+    ckpt = quantized_dir(tmp_path / "ckpt", fmt)
+    header, data = split_file(ckpt / "model.safetensors")
+    names = sorted(n for n in header if n != "__metadata__")
+    # overlapping spans: the second tensor (by offset) pointed at the first one's bytes
+    first, second = sorted(names, key=lambda n: header[n]["data_offsets"][0])[:2]
+    bad = json.loads(json.dumps(header))
+    bad[second]["data_offsets"] = [0, bad[second]["data_offsets"][1] - bad[second]["data_offsets"][0]]
+    (ckpt / "model.safetensors").write_bytes(raw_safetensors(bad, data))
+    expect_refusal("from_pretrained", ckpt, "overlaps|gap|need")
+    # a symlink out of the directory
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to(canary)
+    expect_refusal("from_pretrained", ckpt, "outside the checkpoint directory", canary)
+    # a named pipe
+    (ckpt / "model.safetensors").unlink()
+    os.mkfifo(ckpt / "model.safetensors")
+    expect_refusal("from_pretrained", ckpt, "named pipe", seconds=20)
+    # a config far larger than the tensors
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").write_bytes(raw_safetensors(header, data))
+    edit_config(ckpt, hidden_size=2**16)
+    expect_refusal("from_pretrained", ckpt, "expected shape .* found|cannot build")
