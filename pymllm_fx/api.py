@@ -6,6 +6,7 @@ import fnmatch
 import functools
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, TextIO, Tuple, Union
@@ -44,15 +45,19 @@ def quantize(
     example_inputs: Optional[Any] = None,
     progress: bool = True,
     process_group: Optional[Any] = None,
+    strict: bool = False,
 ) -> nn.Module:
     """Quantize every linear layer of ``model`` in place and return it.
 
     ``method``: a registry name (``"int8"``, ``"int4"``, ``"fp8"``, ``"none"``), an HF
     ``quantization_config`` dict, or a ``LinearMethodBase`` instance. ``weights=None`` quantizes
     the model's own float weights; a safetensors path loads the whole model's tensors from there.
-    ``skip``: module-path patterns (fnmatch, matched against the path and its last name) or a
-    predicate (returning True, or the reason as text); embeddings are never linears, and weights
-    tied to another parameter are skipped.
+    ``skip``: module-path patterns (fnmatch, matched against the path, its last name, and every
+    enclosing module's path, so ``"lm_head"`` also leaves ``lm_head.dense`` float) or a predicate
+    (returning True, or the reason as text); embeddings are never linears, and weights tied to
+    another parameter are skipped.
+    ``strict=False``: a layer the method cannot take (int4 needs in_features a multiple of 8) stays
+    float with a warning and an ``explain()`` row; ``strict=True`` makes it an error instead.
     ``process_group``: tensor parallelism over a torch.distributed group (default: the default
     group when torch.distributed is initialized, else none; ``False`` for none). The graph decides each layer's role:
     column-parallel where a row-parallel layer consumes its output (q/k/v, gate/up), row-parallel
@@ -83,7 +88,24 @@ def quantize(
 
     # A dry run on meta: create_weights errors surface before any real work, and a checkpoint's
     # headers are held against every parameter's shape before anything is allocated.
-    dry = {site.path: _build_layer(site, quant_method, "meta", tp) for site in plan}
+    dry, refused = {}, {}
+    for site in plan:
+        try:
+            dry[site.path] = _build_layer(site, quant_method, "meta", tp)
+        except ValueError as err:
+            # A few odd layers (in_features 2 in Swin-v2's position-bias MLP) stay float rather than
+            # refusing the model; not for a checkpoint's own quantized layers or under tensor parallelism.
+            if strict or tp.size > 1 or getattr(quant_method, "prequantized", False):
+                raise
+            refused[site.path] = f"{quant_method.name} cannot take it ({err})"
+    if refused:
+        if not dry:
+            raise ValueError(f"{quant_method.name} can take no linear layer of {type(model).__name__}: "
+                             + "; ".join(f"{p}: {r}" for p, r in list(refused.items())[:3]))
+        warnings.warn(f"pymllm_fx: {len(refused)} layer(s) stay float, {quant_method.name} cannot take them: "
+                      + "; ".join(f"{path}" for path in list(refused)[:5]) + (" ..." if len(refused) > 5 else "")
+                      + " (see explain(model); strict=True makes this an error)", stacklevel=2)
+        plan = [site for site in plan if site.path in dry]
     if weights is not None:
         _check_fits(model, dry, checkpoint_tensors(weights), weights)
     build = functools.partial(_build_layer, quant_method=quant_method, device=device, tp=tp)
@@ -93,7 +115,18 @@ def quantize(
         layers = {site.path: build(site) for site in plan}
         _load_checkpoint(model, layers, weights, progress, device)
     swap_linears(model, layers)
+    left_float = {site.path: skip_reason(site, skip) for site in sites if skip_reason(site, skip) is not None}
+    _record_float_layers(model, {**left_float, **refused})
     return model
+
+
+FLOAT_LAYERS_ATTR = "_pymllm_fx_float_layers"  # {module path: why it stayed float}, read by explain()
+
+
+def _record_float_layers(model: nn.Module, reasons: Dict[str, str]) -> None:
+    known = dict(getattr(model, FLOAT_LAYERS_ATTR, {}) or {})
+    known.update(reasons)
+    object.__setattr__(model, FLOAT_LAYERS_ATTR, known)
 
 
 def from_pretrained(
@@ -365,9 +398,14 @@ def skip_reason(site: LinearSite, skip: SkipSpec) -> Optional[str]:
         verdict = skip(site)  # True, or the reason as text
         return verdict if isinstance(verdict, str) and verdict else ("skipped by the skip predicate" if verdict else None)
     leaf = site.path.rpartition(".")[2]
+    parts = site.path.split(".")
+    enclosing = [".".join(parts[:i]) for i in range(1, len(parts))]
     for pattern in skip:
         if fnmatch.fnmatchcase(site.path, pattern) or fnmatch.fnmatchcase(leaf, pattern):
             return f"matches skip pattern {pattern!r}"
+        inside = next((p for p in enclosing if fnmatch.fnmatchcase(p, pattern)), None)
+        if inside is not None:
+            return f"inside {inside}, which matches skip pattern {pattern!r}"
     return None
 
 

@@ -99,6 +99,7 @@ def _tensor_bytes(tensors) -> int:
 def explain(model: nn.Module, file: Optional[TextIO] = sys.stdout) -> Explanation:
     """Print (to ``file``; None to stay quiet) and return a per-layer table of methods and sizes."""
     report = Explanation()
+    reasons = getattr(model, "_pymllm_fx_float_layers", None) or {}
     for path, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if method is not None:
@@ -116,7 +117,9 @@ def explain(model: nn.Module, file: Optional[TextIO] = sys.stdout) -> Explanatio
             size = _tensor_bytes(module.parameters(recurse=False))
             w = module.weight
             out_f, in_f = (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
-            report.rows.append(LayerRow(path, "-", f"not quantized ({w.dtype})".replace("torch.", ""), f"{out_f} x {in_f}", size, size))
+            why = f": {reasons[path]}" if path in reasons else ""
+            report.rows.append(LayerRow(path, "-", f"not quantized ({w.dtype}){why}".replace("torch.", ""), f"{out_f} x {in_f}",
+                                        size, size))
     everything = list(model.parameters()) + list(model.buffers())
     report.model_bytes_after = _tensor_bytes(everything)
     report.model_bytes_before = report.model_bytes_after + report.linear_bytes_before - report.linear_bytes_after

@@ -1,5 +1,6 @@
 """quantize()'s orchestration: work order and memory, beyond what the method tests cover."""
 
+import pytest
 import torch
 
 import pymllm_fx
@@ -35,3 +36,17 @@ def test_own_weights_are_calibrated_one_layer_at_a_time():
     assert method.dry_runs == 14  # 7 linears x 2 layers, checked on meta before any real work
     assert method.peak == 1
     assert method.alive == 0
+
+
+def test_default_skip_leaves_the_whole_output_head_float():
+    """skip=("lm_head",) also covers modules inside it (RoBERTa's lm_head.dense), as a user means it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=128, max_position_embeddings=64)
+    model = transformers.RobertaForMaskedLM(config).eval()
+    pymllm_fx.quantize(model, "int8", progress=False)
+    assert type(model.lm_head.dense) is torch.nn.Linear
+    assert type(model.roberta.encoder.layer[0].attention.self.query) is not torch.nn.Linear
+    rows = {row.path: row for row in pymllm_fx.explain(model, file=None).rows}
+    assert "inside lm_head" in rows["lm_head.dense"].detail

@@ -191,7 +191,7 @@ class OddWidth(nn.Module):
 
 
 @pytest.mark.parametrize("example", [True, False], ids=["graph", "module-walk"])
-def test_method_create_weights_failure_names_layer(example):
+def test_method_create_weights_failure_names_layer_when_strict(example):
     torch.manual_seed(0)
     model = OddWidth()
     snap = Snapshot(model)
@@ -201,14 +201,33 @@ def test_method_create_weights_failure_names_layer(example):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError) as err:
-            pymllm_fx.quantize(model, Int4LinearMethod(group_size=32), progress=False, **kwargs)
+            pymllm_fx.quantize(model, Int4LinearMethod(group_size=32), progress=False, strict=True, **kwargs)
         message = str(err.value)
         assert "narrow" in message and "in_features=12" in message and "multiple of 8" in message
         snap.assert_unchanged()
         assert torch.equal(model(x), ref)
         # skipping that layer makes it work
-        pymllm_fx.quantize(model, Int4LinearMethod(group_size=32), progress=False, skip=["narrow"], **kwargs)
+        pymllm_fx.quantize(model, Int4LinearMethod(group_size=32), progress=False, skip=["narrow"], strict=True, **kwargs)
     assert type(model.narrow) is nn.Linear and type(model.inp) is not nn.Linear
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["graph", "module-walk"])
+def test_a_layer_the_method_cannot_take_stays_float_with_a_notice(example):
+    """Not strict (the default): the odd layer stays float, the rest is quantized, a warning names
+    it and explain() says why."""
+    torch.manual_seed(0)
+    model = OddWidth()
+    x = torch.randn(2, 64)
+    kwargs = {"example_inputs": (x,)} if example else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pymllm_fx.quantize(model, Int4LinearMethod(group_size=32), progress=False, **kwargs)
+    notices = [str(w.message) for w in caught if "stay float" in str(w.message)]
+    assert len(notices) == 1 and "narrow" in notices[0]
+    assert type(model.narrow) is nn.Linear and type(model.inp) is not nn.Linear
+    rows = {row.path: row for row in pymllm_fx.explain(model, file=None).rows}
+    assert rows["narrow"].method == "-" and "multiple of 8" in rows["narrow"].detail
+    assert torch.isfinite(model(x)).all()
 
 
 @pytest.mark.parametrize("skip", [3, [3], [None], object()], ids=["int", "list-of-int", "list-of-None", "object"])
