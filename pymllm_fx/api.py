@@ -138,6 +138,7 @@ def from_pretrained(
     skip: SkipSpec = DEFAULT_SKIP,
     progress: bool = True,
     process_group: Optional[Any] = None,
+    strict: bool = False,
 ) -> nn.Module:
     """A ready quantized transformers model from a local checkpoint directory, in eval mode.
 
@@ -147,12 +148,13 @@ def from_pretrained(
     model is ever allocated: peak memory is the quantized model plus one checkpoint tensor.
     Linears the checkpoint stores in float (its skipped layers) stay float. ``device`` defaults
     to CUDA when there is one; ``dtype`` (activations, embeddings, norms) to the config's.
-    ``process_group``: as for :func:`quantize`; each rank reads the checkpoint and keeps its shards.
+    ``process_group``, ``strict``: as for :func:`quantize`; each rank reads the checkpoint and keeps its shards.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, quant_method, skip, _ = _open_checkpoint(Path(path), method, dtype, skip)
     # The graph is captured with everything on meta; buffers no checkpoint holds are made real after.
-    quantize(model, quant_method, weights=path, skip=skip, device=device, progress=progress, process_group=process_group)
+    quantize(model, quant_method, weights=path, skip=skip, device=device, progress=progress, process_group=process_group,
+             strict=strict)
     materialize_buffers(model, device)
     generation = Path(path) / "generation_config.json"
     if (generation.exists() or generation.is_symlink()) and getattr(model, "generation_config", None) is not None:
