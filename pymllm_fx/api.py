@@ -26,7 +26,7 @@ from pymllm_fx.loading import (
 from pymllm_fx.loading.files import CheckpointRoot
 from pymllm_fx.loading.loader import check_headers
 from pymllm_fx.loading.export import save_quantized  # noqa: F401  (public, re-exported here)
-from pymllm_fx.loading.hf import build_on_meta, materialize_buffers, read_config
+from pymllm_fx.loading.hf import build_on_meta, mark_quantized, materialize_buffers, read_config
 from pymllm_fx.methods.registry import MethodSpec, resolve, resolve_checkpoint
 from pymllm_fx.passes import LinearSite, find_linears, swap_linears
 from pymllm_fx.report import Explanation, LayerRow
@@ -71,7 +71,7 @@ def quantize(
     quant_method = resolve(method)
     if getattr(quant_method, "prequantized", False) and weights is None:
         raise ValueError(
-            f"method {quant_method.name!r} loads an already-quantized checkpoint: pass "
+            f"method {_name(quant_method)!r} loads an already-quantized checkpoint: pass "
             f"weights=<checkpoint path> (the model's own float weights cannot be converted to it)"
         )
     sites = find_linears(model, example_inputs)
@@ -97,12 +97,12 @@ def quantize(
             # refusing the model; not for a checkpoint's own quantized layers or under tensor parallelism.
             if strict or tp.size > 1 or getattr(quant_method, "prequantized", False):
                 raise
-            refused[site.path] = f"{quant_method.name} cannot take it ({err})"
+            refused[site.path] = f"{_name(quant_method)} cannot take it ({err})"
     if refused:
         if not dry:
-            raise ValueError(f"{quant_method.name} can take no linear layer of {type(model).__name__}: "
+            raise ValueError(f"{_name(quant_method)} can take no linear layer of {type(model).__name__}: "
                              + "; ".join(f"{p}: {r}" for p, r in list(refused.items())[:3]))
-        warnings.warn(f"pymllm_fx: {len(refused)} layer(s) stay float, {quant_method.name} cannot take them: "
+        warnings.warn(f"pymllm_fx: {len(refused)} layer(s) stay float, {_name(quant_method)} cannot take them: "
                       + "; ".join(f"{path}" for path in list(refused)[:5]) + (" ..." if len(refused) > 5 else "")
                       + " (see explain(model); strict=True makes this an error)", stacklevel=2)
         plan = [site for site in plan if site.path in dry]
@@ -114,10 +114,17 @@ def quantize(
     else:
         layers = {site.path: build(site) for site in plan}
         _load_checkpoint(model, layers, weights, progress, device)
+    for layer in layers.values():
+        layer.refresh_weight_view()
     swap_linears(model, layers)
     left_float = {site.path: skip_reason(site, skip) for site in sites if skip_reason(site, skip) is not None}
     _record_float_layers(model, {**left_float, **refused})
+    mark_quantized(model, _name(quant_method))
     return model
+
+
+def _name(quant_method) -> str:
+    return getattr(quant_method, "name", None) or type(quant_method).__name__
 
 
 FLOAT_LAYERS_ATTR = "_pymllm_fx_float_layers"  # {module path: why it stayed float}, read by explain()
@@ -270,7 +277,7 @@ def explain_checkpoint(
         else:
             stored = _calibrated_bytes(site, quant_method)
         describe = getattr(quant_method, "describe", None)
-        report.rows.append(LayerRow(site.path, quant_method.name, describe(layer) if describe else "",
+        report.rows.append(LayerRow(site.path, _name(quant_method), describe(layer) if describe else "",
                                     f"{site.out_features} x {site.in_features}", float_bytes, stored))
     on_disk = sum(info.nbytes for info in tensors.values())
     saved = report.linear_bytes_before - report.linear_bytes_after

@@ -8,6 +8,7 @@ written for any ``tp_size``; a RowParallelLinear given a process group all-reduc
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, List, Optional, Union
 
 import torch
@@ -17,6 +18,15 @@ from torch.nn import Parameter
 
 from pymllm_fx.layers.parameter import copy_into, narrow_for_rank, set_weight_attrs, stored_size
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
+
+
+_CODE_FLOATS = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                     if hasattr(torch, name))
+
+
+def _holds_values(t: torch.Tensor) -> bool:
+    """A float tensor of the model's dtype family (not stored codes: integers or fp8)."""
+    return t.is_floating_point() and t.dtype not in _CODE_FLOATS
 
 
 def _divide(numerator: int, denominator: int, what: str, prefix: str) -> int:
@@ -87,6 +97,65 @@ class LinearBase(nn.Module):
     @property
     def in_features(self) -> int:
         return self.input_size_per_partition
+
+    def refresh_weight_view(self) -> None:
+        """Give a layer whose method stores codes instead of a ``weight`` the ``weight`` that model
+        code reads of an ``nn.Linear``: its shape (``(in, out)`` for a replaced Conv1D), dtype (the
+        layer's float dtype) and device, as a zero-stride view of one zero, so no float copy is
+        held. It is a plain attribute, not a parameter or buffer: state_dict, parameters() and
+        memory counts do not see it. Arithmetic with it would be wrong, which is why the graph pass
+        swaps only layers whose weight the model uses in nothing but their own linear call."""
+        if "weight" in self._parameters or "weight" in self._buffers:
+            self.__dict__.pop("weight", None)
+            return
+        anchor = next(iter(self.parameters(recurse=False)), None)
+        device = anchor.device if anchor is not None else torch.device("cpu")
+        rows, cols = self.out_features, self.input_size_per_partition
+        shape = (cols, rows) if self.checkpoint_transposed else (rows, cols)
+        self.__dict__["weight"] = torch.zeros((), dtype=self.params_dtype, device=device).expand(shape)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves everything. A cast (``.half()``, ``.to(dtype)``) changes the layer's
+        float dtype and the float tensors that hold values in it (scales, zero points, bias, a float
+        weight), never stored codes (integers, fp8) nor an fp8 layer's float32 scales (its op reads
+        them in float32). Scales and zero points that the new dtype cannot hold (a value that would
+        overflow or flush to zero) stay in their dtype, with a warning; the kernels read either."""
+        params = {n: p for n, p in self._parameters.items() if p is not None}
+        fp8_layer = any(p.dtype in _CODE_FLOATS for p in params.values())
+        keep, new_dtype, lossy = set(), None, []
+        for name, param in params.items():
+            if not _holds_values(param):
+                continue
+            if fp8_layer and param.dtype == torch.float32 and name != "bias":
+                keep.add(name)
+                continue
+            if param.device.type == "meta":
+                continue
+            out = fn(param.detach())
+            if out.dtype != param.dtype and out.is_floating_point():
+                new_dtype = out.dtype
+                if name != "bias" and bool(((torch.isfinite(param) & ~torch.isfinite(out)) | ((param != 0) & (out == 0))).any()):
+                    lossy.append(name)
+        if lossy:  # keep the group together: the ops need scales and zero points in one dtype
+            keep |= {n for n, p in params.items() if _holds_values(p) and n != "bias" and p.dim() > 0}
+            warnings.warn(f"pymllm_fx: {self.prefix or type(self).__name__} keeps {sorted(keep)} in "
+                          f"{params[lossy[0]].dtype}: {new_dtype} would overflow or flush {lossy} to zero", stacklevel=3)
+        kept = {id(params[n]) for n in keep}
+
+        def cast(t):
+            out = fn(t)
+            if out.dtype != t.dtype and (not _holds_values(t) or id(t) in kept):
+                return t.to(device=out.device)  # codes (and kept scales) keep their dtype
+            return out
+
+        result = super()._apply(cast, recurse)
+        if new_dtype is None and "bias" in params:
+            probe = fn(torch.empty(0, dtype=self.params_dtype))
+            new_dtype = probe.dtype if probe.dtype != self.params_dtype and probe.is_floating_point() else None
+        if new_dtype is not None:
+            self.params_dtype = new_dtype
+        self.refresh_weight_view()
+        return result
 
     @property
     def out_features(self) -> int:

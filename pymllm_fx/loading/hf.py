@@ -182,3 +182,38 @@ def _still_unset(buffer: torch.Tensor) -> bool:
     if buffer.dtype.is_floating_point:
         return bool(torch.isnan(buffer).any())
     return buffer.dtype != torch.bool and bool((buffer == _unset(buffer.dtype)).any())
+
+
+def mark_quantized(model: nn.Module, method_name: str) -> None:
+    """Tell a transformers model it is quantized, the way its own quantizers do (``hf_quantizer``):
+    ``save_pretrained`` then refuses with a pointer to ``pymllm_fx.save_quantized`` instead of
+    writing tensors no loader would understand, ``.half()`` / ``.float()`` refuse as for any
+    quantized model, and ``generate`` still compiles. Other modules are left as they are."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.quantizers.base import HfQuantizer
+    except ImportError:
+        return
+    if not isinstance(model, PreTrainedModel):
+        return
+
+    class _Config:
+        quant_method = (f"pymllm_fx ({method_name}), which save_pretrained cannot write: save it with "
+                        f"pymllm_fx.save_quantized(model, path, format='awq' | 'gptq' | 'compressed-tensors' | 'fp8')")
+
+        def to_dict(self):
+            return {"quant_method": self.quant_method}
+
+    class PymllmFxQuantizer(HfQuantizer):
+        def is_serializable(self, safe_serialization=None):
+            return False
+
+        @property
+        def is_trainable(self):
+            return False
+
+        @property
+        def is_compileable(self) -> bool:
+            return True
+
+    model.hf_quantizer = PymllmFxQuantizer(_Config())
