@@ -200,6 +200,8 @@ def _open_checkpoint(
         quant_method = resolve_checkpoint(stored) if stored is not None else resolve(method)
     except ValueError as err:
         raise CheckpointError(f"{path / 'config.json'}: {err}") from None
+    except NotImplementedError as err:  # a feature of the format this library does not have
+        raise NotImplementedError(f"{path / 'config.json'}: {err}") from None
     tensors = checkpoint_tensors(path)  # reads only headers: a corrupt file fails before any work
     _check_layer_count(config, tensors, path)
     model = build_on_meta(path, dtype, config)
@@ -314,17 +316,22 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _with_float_layers(skip: SkipSpec, tensors: Dict[str, Any]) -> Callable[[LinearSite], Optional[str]]:
-    """``skip`` plus every linear the checkpoint stores as a plain float weight (and bias) only."""
+    """``skip`` plus every linear the checkpoint stores as a plain float weight (and bias) only. The
+    checkpoint decides over the default skip: a quantized ``lm_head`` (GPTQ ``lm_head: true``) loads
+    quantized; patterns the caller passed still apply."""
     by_layer: Dict[str, Dict[str, Any]] = {}
     for name, info in tensors.items():
         layer, _, leaf = name.rpartition(".")
         by_layer.setdefault(layer, {})[leaf] = info
+    chosen = skip != DEFAULT_SKIP
     skip = _normalize_skip(skip)
 
     def predicate(site: LinearSite) -> Optional[str]:
         stored = by_layer.get(site.path, {})
         if set(stored) <= {"weight", "bias"} and "weight" in stored and stored["weight"].dtype in _FLOAT_DTYPES:
             return "stored as a float weight in the checkpoint"
+        if stored and not chosen:
+            return None
         return skip_reason(site, skip)
 
     return predicate

@@ -37,7 +37,6 @@ from pymllm_fx.methods.common import (
     config_int,
     config_names,
     config_str,
-    check_config_keys,
     checkpoint_group,
     expand_groups,
     float_linear,
@@ -46,20 +45,19 @@ from pymllm_fx.methods.common import (
     runtime_group,
     supported_group_size,
 )
+from pymllm_fx.methods.config_keys import AWQ_KEYS, check_producer_keys
 
 # Nibble i of a packed word holds the value of column AWQ_ORDER[i] of its group of eight, so column
 # p sits in nibble AWQ_REVERSE_ORDER[p] (AutoAWQ awq/utils/packing_utils.py).
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
-# Keys that do not change what the stored tensors mean: AutoAWQ / transformers AwqConfig kernel and
-# fusing choices, and the calibration fields transformers' AwqConfig inherits from GPTQConfig (its
-# ``sym`` is GPTQ's default, not AWQ's: AWQ's own key is ``zero_point``).
-IGNORED_KEYS = (
-    "backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse", "exllama_config", "sym", "tokenizer", "dataset",
-    "damp_percent", "act_group_aware", "true_sequential", "meta", "model_seqlen", "block_name_to_quantize",
-    "module_name_preceding_first_block", "batch_size", "pad_token_id", "max_input_length", "cache_block_outputs",
-    "modules_in_block_to_quantize",
+# The keys read here; the rest of what AWQ tools write is listed in config_keys.AWQ_KEYS.
+READ_KEYS = (
+    "bits", "w_bit", "group_size", "q_group_size", "zero_point", "version", "format", "checkpoint_format",
+    "desc_act", "modules_to_not_convert", "method", "backend",
 )
+# AutoAWQ's GEMM packing; transformers' "exllama" and "ipex" versions load that same layout and repack it.
+GEMM_VERSIONS = ("gemm", "exllama", "ipex")
 
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
@@ -95,7 +93,7 @@ class AWQLinearMethod(LinearMethodBase):
                 f"awq: group_size {self.group_size} is not supported; use 32, 64, a multiple of 128, or -1 "
                 f"(one group per output row)"
             )
-        if str(self.version).lower() != "gemm":
+        if str(self.version).lower() not in GEMM_VERSIONS:
             raise ValueError(
                 f"awq: version {self.version!r} is not supported; only AutoAWQ's 'gemm' layout is loaded "
                 f"(re-export the model with version='gemm')"
@@ -207,17 +205,21 @@ class AWQLinearMethod(LinearMethodBase):
     def from_config(cls, config: dict) -> "AWQLinearMethod":
         """From an HF ``quantization_config`` (``bits``, ``group_size``) or AutoAWQ's ``quant_config.json``
         (``w_bit``, ``q_group_size``) dict."""
-        check_config_keys(
-            cls.name,
-            config,
-            ("bits", "w_bit", "group_size", "q_group_size", "zero_point", "version", "format", "desc_act",
-             "modules_to_not_convert") + IGNORED_KEYS,
-        )
+        check_producer_keys(cls.name, config, READ_KEYS, AWQ_KEYS)
+        family = config_str(cls.name, config, "method", "awq")
+        if family.lower() != "awq":
+            raise ValueError(f"awq: quantization_config says quant_method 'awq' but method {family!r}")
+        backend = config_str(cls.name, config, "backend", None)
+        if backend is not None and backend.lower() == "llm-awq":
+            raise NotImplementedError(
+                "awq: backend 'llm-awq' stores the original llm-awq layout (int16 words, another order); "
+                "only AutoAWQ's GEMM layout loads"
+            )
         if config_bool(cls.name, config, "desc_act", False):
             raise ValueError("awq: desc_act=true does not apply to AWQ checkpoints (they have no g_idx); remove it")
         bits = _one_of(config, ("bits", "w_bit"), 4)
         group_size = _one_of(config, ("group_size", "q_group_size"), 128)
-        version = _one_of(config, ("version", "format"), "gemm")
+        version = _one_of(config, ("version", "format", "checkpoint_format"), "gemm")
         return cls(
             bits=config_int(cls.name, {"bits": bits}, "bits", 4),
             group_size=config_int(cls.name, {"group_size": group_size}, "group_size", 128),
@@ -227,8 +229,8 @@ class AWQLinearMethod(LinearMethodBase):
         )
 
 
-def _one_of(config: dict, keys: Tuple[str, str], default: Any) -> Any:
-    """The value under either of two synonymous keys; refuses the two when they disagree."""
+def _one_of(config: dict, keys: Tuple[str, ...], default: Any) -> Any:
+    """The value under any of synonymous keys; refuses them when they disagree."""
     found = {key: config[key] for key in keys if config.get(key) is not None}
     normalized = {str(value).lower() if isinstance(value, str) else repr(value) for value in found.values()}
     if len(normalized) > 1:

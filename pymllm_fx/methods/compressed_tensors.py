@@ -59,7 +59,8 @@ from pymllm_fx.layers.parameter import (
     unaligned_output,
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
-from pymllm_fx.methods.common import check_config_keys, check_dequantized_range, check_finite, config_pattern
+from pymllm_fx.methods.common import check_dequantized_range, check_finite, config_pattern
+from pymllm_fx.methods.config_keys import COMPRESSED_TENSORS_KEYS, check_producer_keys
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, explain_errors
 from pymllm_fx.methods.int4 import GROUP_SIZES
 
@@ -360,7 +361,7 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
 
     @classmethod
     def from_config(cls, config: dict) -> "CompressedTensorsLinearMethod":
-        check_config_keys(cls.name, config, TOP_KEYS)
+        check_producer_keys(cls.name, config, TOP_KEYS, COMPRESSED_TENSORS_KEYS)
         if config.get("kv_cache_scheme") is not None:
             raise NotImplementedError(
                 "compressed-tensors: kv_cache_scheme is not supported (its k/v scales have no home here); "

@@ -49,7 +49,8 @@ from pymllm_fx.layers.parameter import (
     replace_parameters,
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase
-from pymllm_fx.methods.common import check_config_keys, check_finite, config_names, config_str
+from pymllm_fx.methods.common import check_finite, config_names, config_str
+from pymllm_fx.methods.config_keys import FP8_KEYS, check_producer_keys
 
 _MIN_SCALE = 1e-12  # the op's floor for a dynamic scale (kernels/fp8_w8a8.py)
 # Shard ids of merged layers (linear.py): integers for gate/up, letters for q/k/v.
@@ -338,11 +339,15 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
     @classmethod
     def from_config(cls, config: dict) -> "Fp8CheckpointLinearMethod":
         """From a serialized checkpoint's ``quantization_config`` (``quant_method: "fp8"``)."""
-        check_config_keys(
+        check_producer_keys(
             cls.name,
             config,
-            ("activation_scheme", "weight_block_size", "ignored_layers", "modules_to_not_convert", "fmt"),
+            ("activation_scheme", "weight_block_size", "ignored_layers", "modules_to_not_convert", "fmt", "scale_fmt"),
+            FP8_KEYS,
         )
+        scale_fmt = config_str(cls.name, config, "scale_fmt", "float")
+        if scale_fmt not in ("float", "ue8m0"):  # ue8m0: power-of-two scales, read by the tensors' dtype
+            raise NotImplementedError(f"fp8 checkpoint: scale_fmt {scale_fmt!r} is not supported (float, ue8m0)")
         fmt = config_str(cls.name, config, "fmt", "e4m3")
         if fmt != "e4m3":
             raise NotImplementedError(

@@ -50,7 +50,6 @@ from pymllm_fx.methods.common import (
     config_int,
     config_pattern,
     config_str,
-    check_config_keys,
     checkpoint_group,
     expand_groups,
     float_linear,
@@ -59,19 +58,16 @@ from pymllm_fx.methods.common import (
     runtime_group,
     supported_group_size,
 )
+from pymllm_fx.methods.config_keys import GPTQ_KEYS, check_producer_keys
 
 FORMATS = ("gptq", "gptq_v2")
 # Added to each packed qzeros word of a "gptq" (v1) checkpoint: one per packed value, carries
 # included, which exactly undoes GPTQModel's v2 -> v1 subtraction.
 V1_ZERO_OFFSET = {4: 0x11111111, 8: 0x01010101}
-# Calibration-time settings of AutoGPTQ / GPTQModel / transformers GPTQConfig: they do not change
-# what the stored tensors mean.
-IGNORED_KEYS = (
-    "damp_percent", "damp_auto_increment", "true_sequential", "mse", "model_name_or_path",
-    "model_file_base_name", "tokenizer", "dataset", "use_cuda_fp16", "model_seqlen", "block_name_to_quantize",
-    "module_name_preceding_first_block", "batch_size", "pad_token_id", "use_exllama", "max_input_length",
-    "exllama_config", "cache_block_outputs", "modules_in_block_to_quantize", "meta", "backend", "lm_head",
-    "modules_to_not_convert", "v2", "v2_alpha", "is_marlin_format", "pack_dtype", "dynamic", "act_group_aware",
+# The keys read here; the rest of what GPTQ tools write is listed in config_keys.GPTQ_KEYS.
+READ_KEYS = (
+    "bits", "group_size", "sym", "desc_act", "static_groups", "checkpoint_format", "format", "method",
+    "pack_dtype", "dynamic", "is_marlin_format", "lm_head",
 )
 
 
@@ -308,10 +304,14 @@ class GPTQLinearMethod(LinearMethodBase):
     @classmethod
     def from_config(cls, config: dict) -> "GPTQLinearMethod":
         """From an HF ``quantization_config`` or AutoGPTQ / GPTQModel ``quantize_config.json`` dict."""
-        check_config_keys(
-            cls.name, config, ("bits", "group_size", "sym", "desc_act", "static_groups", "checkpoint_format", "format")
-            + IGNORED_KEYS
-        )
+        check_producer_keys(cls.name, config, READ_KEYS, GPTQ_KEYS)
+        family = config_str(cls.name, config, "method", "gptq")
+        if family.lower() != "gptq":
+            raise ValueError(
+                f"gptq: quantization_config says quant_method 'gptq' but method {family!r}; the checkpoint is "
+                f"not a GPTQ one (GPTQModel writes both, equal)"
+            )
+        config_bool(cls.name, config, "lm_head", False)  # a quantized lm_head is read from its tensors
         if config_bool(cls.name, config, "is_marlin_format", False):
             raise ValueError("gptq: is_marlin_format=true checkpoints use the Marlin layout, which is not supported")
         if config_str(cls.name, config, "pack_dtype", "int32") not in ("int32", "torch.int32"):

@@ -63,15 +63,16 @@ def test_tied_embeddings_stay_tied_and_dtype_applies(tmp_path):
     assert torch.isfinite(logits(loaded)).all()
 
 
-def quantized_checkpoint(tmp_path, arch, fmt):
+def quantized_checkpoint(tmp_path, arch, fmt, config_keys=None, lm_head=False):
     """A tiny model's checkpoint in AWQ or GPTQ (act-order, v1) tensors packed by the formats' own
-    definitions, and a float model holding exactly the weights they encode."""
+    definitions, and a float model holding exactly the weights they encode. ``config_keys`` replace
+    the quantization_config's; ``lm_head`` stores the (untied) output head quantized too."""
     torch.manual_seed(0)
-    model = build_model(arch)
+    model = build_model(arch, **({"tie_word_embeddings": False} if lm_head else {}))
     reference = copy.deepcopy(model)
     state = {name: t.detach().clone() for name, t in model.state_dict().items()}
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+        if not isinstance(module, torch.nn.Linear) or (name == "lm_head" and not lm_head):
             continue
         n, k = module.weight.shape
         del state[f"{name}.weight"]
@@ -92,6 +93,8 @@ def quantized_checkpoint(tmp_path, arch, fmt):
         {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"} if fmt == "awq" else
         {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": True, "checkpoint_format": "gptq"}
     )
+    if config_keys is not None:
+        config["quantization_config"] = config_keys
     (tmp_path / "config.json").write_text(json.dumps(config))
     return reference
 
@@ -107,6 +110,53 @@ def test_quantized_checkpoint_matches_the_dequantized_reference(tmp_path, arch, 
     with torch.no_grad():
         compiled = torch.compile(loaded, fullgraph=True)(IDS).logits
     assert rel_err(compiled, logits(reference)) <= 1e-4
+
+
+# What GPTQModel 7.7.0 writes (gptqmodel/quantization/config.py to_dict): ``method`` beside
+# ``quant_method``, ``pack_dtype``, ``meta`` with its calibration settings, ``lm_head``.
+GPTQMODEL_7_7 = {
+    "bits": 4, "group_size": 32, "desc_act": True, "sym": False, "lm_head": False, "quant_method": "gptq",
+    "method": "gptq", "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32",
+    "meta": {"quantizer": ["gptqmodel:7.7.0"], "uri": "https://github.com/modelcloud/gptqmodel",
+             "damp_percent": 0.05, "damp_auto_increment": 0.01, "static_groups": False, "true_sequential": True,
+             "mse": 0.0, "gptaq": None, "act_group_aware": True},
+}
+
+
+def test_gptqmodel_7_config_loads_without_a_word(tmp_path):
+    reference = quantized_checkpoint(tmp_path, "llama", "gptq", config_keys=GPTQMODEL_7_7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = pymllm_fx.from_pretrained(tmp_path, device="cpu", progress=False)
+    assert rel_err(logits(loaded), logits(reference)) <= 1e-5
+
+
+def test_gptq_quantized_lm_head_loads_quantized(tmp_path):
+    reference = quantized_checkpoint(tmp_path, "llama", "gptq", config_keys=GPTQMODEL_7_7 | {"lm_head": True}, lm_head=True)
+    loaded = pymllm_fx.from_pretrained(tmp_path, device="cpu", progress=False)
+    assert loaded.lm_head.quant_method.name == "gptq"  # the checkpoint decides over the default skip
+    assert rel_err(logits(loaded), logits(reference)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "extra, error, pattern",
+    [
+        ({"rotation": "hadamard"}, NotImplementedError, r"rotation.*Hadamard.*cannot honour"),
+        ({"activation": {"mode": "w4afp8"}}, NotImplementedError, r"activation.*quantizes activations"),
+        ({"method": "awq"}, ValueError, r"method 'awq'"),
+    ],
+)
+def test_gptqmodel_keys_that_change_the_math_are_refused(tmp_path, extra, error, pattern):
+    quantized_checkpoint(tmp_path, "llama", "gptq", config_keys=GPTQMODEL_7_7 | extra)
+    with pytest.raises(CheckpointError if error is ValueError else error, match=pattern):
+        pymllm_fx.from_pretrained(tmp_path, device="cpu", progress=False)
+
+
+def test_unknown_config_key_warns_and_loads(tmp_path):
+    reference = quantized_checkpoint(tmp_path, "llama", "gptq", config_keys=GPTQMODEL_7_7 | {"future_knob": 1})
+    with pytest.warns(UserWarning, match=r"gptq: quantization_config has keys \['future_knob'\].*ignored"):
+        loaded = pymllm_fx.from_pretrained(tmp_path, device="cpu", progress=False)
+    assert rel_err(logits(loaded), logits(reference)) <= 1e-5
 
 
 def test_explain_checkpoint_reads_headers_only(tmp_path):

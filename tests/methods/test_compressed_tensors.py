@@ -404,12 +404,12 @@ def _with_weights(**changes):
         (_with_weights(num_bits=8), NotImplementedError, r"8-bit weights load only as symmetric 'channel'"),
         (_with_weights(typo=1), ValueError, r"unknown keys \['typo'\]"),
         (fp8_config() | {"kv_cache_scheme": {"num_bits": 8}}, NotImplementedError, r"kv_cache_scheme"),
-        (int_config() | {"colour": 1}, ValueError, r"unknown keys \['colour'\]"),
+        (int_config() | {"moe_sparsity_config": {"method": "prune"}}, NotImplementedError, r"prunes MoE experts"),
         (int_config() | {"format": "int-quantized"}, NotImplementedError, r"int weights load from format 'pack-quantized'"),
         (int_config() | {"config_groups": {"W4A16": ["Linear"]}}, NotImplementedError, r"preset scheme name"),
     ],
     ids=["unknown-strategy", "group-96", "bits-3", "int-tensor", "actorder", "int8-group", "args-key",
-         "kv-cache", "top-key", "int-quantized", "preset"],
+         "kv-cache", "moe-sparsity", "int-quantized", "preset"],
 )
 def test_config_errors(config, error, pattern):
     with pytest.raises(error, match=pattern):

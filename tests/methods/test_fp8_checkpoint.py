@@ -198,9 +198,10 @@ def test_from_config():
         ({"weight_block_size": [128]}, ValueError, r"block size must be two powers of two .* got \[128\]"),
         ({"activation_scheme": "sometimes"}, ValueError, r"activation_scheme 'sometimes' is not 'dynamic' or 'static'"),
         ({"fmt": "e5m2"}, NotImplementedError, r"fmt 'e5m2' is not supported"),
-        ({"activation_sheme": "static"}, ValueError, r"unknown keys \['activation_sheme'\]"),
+        ({"scale_fmt": "e4m3"}, NotImplementedError, r"scale_fmt 'e4m3' is not supported"),
+        ({"expert_dtype": "fp4"}, NotImplementedError, r"expert_dtype.*MoE experts.*cannot honour"),
     ],
-    ids=["block-static", "block-size", "block-1d", "scheme", "e5m2", "typo"],
+    ids=["block-static", "block-size", "block-1d", "scheme", "e5m2", "scale-fmt", "fp4-experts"],
 )
 def test_from_config_errors(config, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -237,7 +237,7 @@ def test_gptq_from_transformers_gptq_config_dict():
         ({"is_marlin_format": True}, "Marlin"),
         ({"pack_dtype": "int16"}, "pack_dtype"),
         ({"dynamic": {r"+:.*mlp.*": {"bits": 8}}}, r"dynamic.*overrides.*only .-:. rules"),
-        ({"group_sz": 64}, "unknown keys.*group_sz"),
+        ({"method": "qqq"}, "method 'qqq'"),
     ],
 )
 def test_gptq_bad_config(config, pattern):
