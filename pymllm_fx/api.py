@@ -75,6 +75,8 @@ def quantize(
             f"weights=<checkpoint path> (the model's own float weights cannot be converted to it)"
         )
     sites = find_linears(model, example_inputs)
+    matmul_params = [site for site in sites if site.param]
+    sites = [site for site in sites if not site.param]
     if not sites:
         raise ValueError(
             f"{type(model).__name__} has no linear layers (nn.Linear or transformers Conv1D) to quantize"
@@ -119,6 +121,8 @@ def quantize(
     swap_linears(model, layers)
     left_float = {site.path: skip_reason(site, skip) for site in sites if skip_reason(site, skip) is not None}
     _record_float_layers(model, {**left_float, **refused})
+    _record_float_params(model, {site.param: site.reason for site in matmul_params})
+    _warn_unswapped([site for site in sites if not site.swappable], matmul_params, model)
     mark_quantized(model, _name(quant_method))
     return model
 
@@ -134,6 +138,33 @@ def _record_float_layers(model: nn.Module, reasons: Dict[str, str]) -> None:
     known = dict(getattr(model, FLOAT_LAYERS_ATTR, {}) or {})
     known.update(reasons)
     object.__setattr__(model, FLOAT_LAYERS_ATTR, known)
+
+
+FLOAT_PARAMS_ATTR = "_pymllm_fx_float_params"  # {parameter name: why}: matmul weights outside nn.Linear
+
+
+def _record_float_params(model: nn.Module, reasons: Dict[str, str]) -> None:
+    known = dict(getattr(model, FLOAT_PARAMS_ATTR, {}) or {})
+    known.update(reasons)
+    object.__setattr__(model, FLOAT_PARAMS_ATTR, known)
+
+
+def _warn_unswapped(layers: List[LinearSite], params: List[LinearSite], model: nn.Module) -> None:
+    """One warning for every linear the forward uses (or might use) that stays float for want of a
+    safe swap, and for matmul weights outside nn.Linear: never silent."""
+    parts = []
+    if layers:
+        shown = "; ".join(f"{site.path} ({site.reason})" for site in layers[:3])
+        parts.append(f"{len(layers)} linear layer(s) stay float: {shown}" + (" ..." if len(layers) > 3 else ""))
+    if params:
+        named = dict(model.named_parameters(remove_duplicate=False))
+        size = sum(named[site.param].numel() * named[site.param].element_size() for site in params if site.param in named)
+        shown = ", ".join(site.param for site in params[:3])
+        parts.append(f"{len(params)} matmul weight(s) outside nn.Linear stay float ({size / 2**20:.1f} MiB: {shown}"
+                     + (" ..." if len(params) > 3 else "") + ")")
+    if parts:
+        warnings.warn("pymllm_fx: " + "; ".join(parts) + ". explain(model) lists them with the reasons",
+                      stacklevel=3)
 
 
 def from_pretrained(
@@ -266,11 +297,16 @@ def explain_checkpoint(
     dry = {site.path: _build_layer(site, quant_method, "meta") for site in sites if skip_reason(site, skip) is None}
     _check_fits(model, dry, tensors, path)
     report = Explanation()
+    named = dict(model.named_parameters(remove_duplicate=False))
     for site in sites:
         float_bytes = (site.in_features + site.bias) * site.out_features * site.dtype.itemsize
+        if site.param:  # a matmul weight outside nn.Linear (fused experts, XLNet's q/k/v)
+            weight = named[site.param]
+            float_bytes = weight.numel() * weight.element_size()
         reason = skip_reason(site, skip)
         if reason is not None:
-            report.rows.append(LayerRow(site.path, "-", f"stays float: {reason}", f"{site.out_features} x {site.in_features}",
+            shape = " x ".join(map(str, named[site.param].shape)) if site.param else f"{site.out_features} x {site.in_features}"
+            report.rows.append(LayerRow(site.param or site.path, "-", f"stays float: {reason}", shape,
                                         float_bytes, float_bytes))
             continue
         layer = dry[site.path]

@@ -120,6 +120,13 @@ def explain(model: nn.Module, file: Optional[TextIO] = sys.stdout) -> Explanatio
             why = f": {reasons[path]}" if path in reasons else ""
             report.rows.append(LayerRow(path, "-", f"not quantized ({w.dtype}){why}".replace("torch.", ""), f"{out_f} x {in_f}",
                                         size, size))
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name, why in (getattr(model, "_pymllm_fx_float_params", None) or {}).items():
+        if name in named:  # matmul weights outside nn.Linear: fused MoE experts, raw projections
+            weight = named[name]
+            size = weight.numel() * weight.element_size()
+            report.rows.append(LayerRow(name, "-", f"not quantized ({weight.dtype}): {why}".replace("torch.", ""),
+                                        " x ".join(map(str, weight.shape)), size, size))
     everything = list(model.parameters()) + list(model.buffers())
     report.model_bytes_after = _tensor_bytes(everything)
     report.model_bytes_before = report.model_bytes_after + report.linear_bytes_before - report.linear_bytes_after
