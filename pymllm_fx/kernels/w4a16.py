@@ -137,49 +137,61 @@ def w4a16_reference(
 # the narrow right operand. Triton loads the int16 codes through shared memory straight into the
 # left operand's register layout, and everything below is elementwise on that layout.
 #
-# Fast path (inline PTX, CUDA only), for one 32-bit register holding two int16 e0, e1:
+# Two forms, both inline PTX on CUDA, for one 32-bit register holding two int16 e0, e1:
 #   shr   t, r, 4*j                      nibble j of e0 at bits 0..3, of e1 at bits 16..19
 #   lop3  t, t, 0x000F000F, MAGIC        (t & mask) | MAGIC: two 16-bit floats MAGIC + code
-#   fma   w, t, 1.0, -(MAGIC + zero)     code - zero, exact
-#   [fma  w, w, scale, -0.0]             (code - zero) * scale, rounded once as the reference does
 # MAGIC is 128.0 in bf16 (0x4300: the unit of the last mantissa bit is 1) and 1024.0 in fp16
-# (0x6400). Two to three instructions for two weights. The portable path below computes the same
-# values (bit for bit: every step but the scale is exact, and that rounds once in both); Triton's
-# interpreter, which has no inline assembly, and fp32 activations take it.
-# The assembly strings are single lines: Inductor copies a kernel's globals into the Python source
-# it generates, where a multi-line string literal broke the compiled model.
+# (0x6400). The default path (``_raw_nibbles``) stops here, one instruction per weight: the dot
+# takes MAGIC + code and the zero point and scale are applied to its float32 result per group.
+# Groups under 64 features (SCALE_IN, ``_nibbles``) go on to the weight itself:
+#   fma   w, t, 1.0, -(MAGIC + zero)     code - zero, exact
+#   fma   w, w, scale, -0.0              (code - zero) * scale, rounded once as the reference does
+# The portable paths compute the same values bit for bit (every step but the scale is exact, and
+# that rounds once in both); Triton's interpreter, which has no inline assembly, and fp32
+# activations take them. The assembly strings are single lines: Inductor copies a kernel's
+# globals into the Python source it generates, where a multi-line string literal broke the
+# compiled model.
 
-_NIBBLE_BF16 = tl.constexpr("{ .reg .b32 t, one; shr.u32 t, $1, $3; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xea; mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, t, one, $2; }")
 _NIBBLE_BF16_SCALED = tl.constexpr("{ .reg .b32 t, one, nz; shr.u32 t, $1, $4; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xea; mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000; fma.rn.bf16x2 t, t, one, $2; fma.rn.bf16x2 $0, t, $3, nz; }")
-_NIBBLE_FP16 = tl.constexpr("{ .reg .b32 t, one; shr.u32 t, $1, $3; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xea; mov.b32 one, 0x3C003C00; fma.rn.f16x2 $0, t, one, $2; }")
 _NIBBLE_FP16_SCALED = tl.constexpr("{ .reg .b32 t, one, nz; shr.u32 t, $1, $4; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xea; mov.b32 one, 0x3C003C00; mov.b32 nz, 0x80008000; fma.rn.f16x2 t, t, one, $2; fma.rn.f16x2 $0, t, $3, nz; }")
 
 
 @triton.jit
-def _nibbles(q, zero, scale, J: tl.constexpr, SCALED: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """Nibble J of every int16 in ``q`` as ``code - zero`` (times ``scale`` if SCALED) in DTYPE.
+def _nibbles(q, zero, scale, J: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """Nibble J of every int16 in ``q`` as ``(code - zero) * scale`` in DTYPE.
 
     ``zero`` and ``scale`` are float32 tensors that broadcast against ``q`` (one value per row)."""
-    if ASM:  # operands: $1 the codes, $2 -(MAGIC + zero), [$3 the scale,] then the shift (twice: 32-bit)
+    if ASM:  # operands: $1 the codes, $2 -(MAGIC + zero), $3 the scale, then the shift (twice: 32-bit)
         shift = tl.full(q.shape, 4 * J, tl.int32)
         magic = 128.0 if DTYPE == tl.bfloat16 else 1024.0
         neg_zero = (-(zero + magic)).to(DTYPE)
-        if SCALED:
-            s = scale.to(DTYPE)
-            if DTYPE == tl.bfloat16:
-                return tl.inline_asm_elementwise(_NIBBLE_BF16_SCALED, "=r,r,r,r,r,r", [q, neg_zero, s, shift],
-                                                 dtype=neg_zero.dtype, is_pure=True, pack=2)
-            return tl.inline_asm_elementwise(_NIBBLE_FP16_SCALED, "=r,r,r,r,r,r", [q, neg_zero, s, shift],
-                                             dtype=neg_zero.dtype, is_pure=True, pack=2)
+        s = scale.to(DTYPE)
         if DTYPE == tl.bfloat16:
-            return tl.inline_asm_elementwise(_NIBBLE_BF16, "=r,r,r,r,r", [q, neg_zero, shift],
+            return tl.inline_asm_elementwise(_NIBBLE_BF16_SCALED, "=r,r,r,r,r,r", [q, neg_zero, s, shift],
                                              dtype=neg_zero.dtype, is_pure=True, pack=2)
-        return tl.inline_asm_elementwise(_NIBBLE_FP16, "=r,r,r,r,r", [q, neg_zero, shift],
+        return tl.inline_asm_elementwise(_NIBBLE_FP16_SCALED, "=r,r,r,r,r,r", [q, neg_zero, s, shift],
                                          dtype=neg_zero.dtype, is_pure=True, pack=2)
     w = (((q.to(tl.int32) >> (4 * J)) & 0xF).to(tl.float32) - zero).to(DTYPE)
-    if SCALED:
-        w = (w.to(tl.float32) * scale.to(DTYPE).to(tl.float32)).to(DTYPE)
-    return w
+    return (w.to(tl.float32) * scale.to(DTYPE).to(tl.float32)).to(DTYPE)
+
+
+_RAW_NIBBLE_BF16 = tl.constexpr("{ .reg .b32 t; shr.u32 t, $1, $2; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }")
+_RAW_NIBBLE_FP16 = tl.constexpr("{ .reg .b32 t; shr.u32 t, $1, $2; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea; }")
+
+
+@triton.jit
+def _raw_nibbles(q, J: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """Nibble J of every int16 in ``q`` as ``MAGIC + code`` in DTYPE (exact): two weights per shift
+    and LOP3, no zero point or scale (they are applied to the dot's result; see ``_tile_step``)."""
+    if ASM:  # operands: $1 the codes, then the shift (twice: 32-bit)
+        shift = tl.full(q.shape, 4 * J, tl.int32)
+        dtype = tl.zeros((1,), DTYPE).dtype  # a plain dtype: the asm call cannot take a constexpr
+        if DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_RAW_NIBBLE_BF16, "=r,r,r,r", [q, shift], dtype=dtype, is_pure=True,
+                                             pack=2)
+        return tl.inline_asm_elementwise(_RAW_NIBBLE_FP16, "=r,r,r,r", [q, shift], dtype=dtype, is_pure=True, pack=2)
+    magic = 1024 if DTYPE == tl.float16 else 128
+    return (((q.to(tl.int32) >> (4 * J)) & 0xF) + magic).to(DTYPE)
 
 
 @triton.jit
@@ -213,25 +225,39 @@ def _tile_step(acc, q, x_ptrs, s, z, s_ptr, z_ptr, s_offs, k0, GROUP: tl.constex
         if GROUP < _TILE:  # each quarter (16 features) lies in one group; reload when it changes
             s, z = _group_params(s_ptr, z_ptr, s_offs, k0 // GROUP, HAS_ZEROS)
             s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
-        acc = _dot(_nibbles(q, z, s, 0, True, DTYPE, ASM), tl.load(x_ptrs), acc, DOT_F32)
+        acc = _dot(_nibbles(q, z, s, 0, DTYPE, ASM), tl.load(x_ptrs), acc, DOT_F32)
         if GROUP < _TILE and GROUP <= _QUARTER:
             s, z = _group_params(s_ptr, z_ptr, s_offs, (k0 + _QUARTER) // GROUP, HAS_ZEROS)
             s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
-        acc = _dot(_nibbles(q, z, s, 1, True, DTYPE, ASM), tl.load(x_ptrs + _QUARTER), acc, DOT_F32)
+        acc = _dot(_nibbles(q, z, s, 1, DTYPE, ASM), tl.load(x_ptrs + _QUARTER), acc, DOT_F32)
         if GROUP < _TILE:
             s, z = _group_params(s_ptr, z_ptr, s_offs, (k0 + 2 * _QUARTER) // GROUP, HAS_ZEROS)
             s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
-        acc = _dot(_nibbles(q, z, s, 2, True, DTYPE, ASM), tl.load(x_ptrs + 2 * _QUARTER), acc, DOT_F32)
+        acc = _dot(_nibbles(q, z, s, 2, DTYPE, ASM), tl.load(x_ptrs + 2 * _QUARTER), acc, DOT_F32)
         if GROUP < _TILE and GROUP <= _QUARTER:
             s, z = _group_params(s_ptr, z_ptr, s_offs, (k0 + 3 * _QUARTER) // GROUP, HAS_ZEROS)
             s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
-        acc = _dot(_nibbles(q, z, s, 3, True, DTYPE, ASM), tl.load(x_ptrs + 3 * _QUARTER), acc, DOT_F32)
-    else:  # the exact integers code - zero go into the dot, the scale onto its float32 result
-        part = _dot(_nibbles(q, z, s, 0, False, DTYPE, ASM), tl.load(x_ptrs), tl.zeros(acc.shape, tl.float32), DOT_F32)
-        part = _dot(_nibbles(q, z, s, 1, False, DTYPE, ASM), tl.load(x_ptrs + _QUARTER), part, DOT_F32)
-        part = _dot(_nibbles(q, z, s, 2, False, DTYPE, ASM), tl.load(x_ptrs + 2 * _QUARTER), part, DOT_F32)
-        part = _dot(_nibbles(q, z, s, 3, False, DTYPE, ASM), tl.load(x_ptrs + 3 * _QUARTER), part, DOT_F32)
-        acc += part * s
+        acc = _dot(_nibbles(q, z, s, 3, DTYPE, ASM), tl.load(x_ptrs + 3 * _QUARTER), acc, DOT_F32)
+    else:  # MAGIC + code into the dot; the zero point and scale onto its float32 result
+        # sum((MAGIC + c) x) - (MAGIC + z) sum(x) = sum((c - z) x). The activation sums come from
+        # the same tensor cores (a dot with ones, in the accumulator's layout), so nothing waits
+        # for the group parameters before the step's dots.
+        zero = tl.zeros(acc.shape, tl.float32)
+        ones = tl.full(q.shape, 1.0, DTYPE)
+        x0 = tl.load(x_ptrs)
+        x1 = tl.load(x_ptrs + _QUARTER)
+        x2 = tl.load(x_ptrs + 2 * _QUARTER)
+        x3 = tl.load(x_ptrs + 3 * _QUARTER)
+        part = _dot(_raw_nibbles(q, 0, DTYPE, ASM), x0, zero, DOT_F32)
+        part = _dot(_raw_nibbles(q, 1, DTYPE, ASM), x1, part, DOT_F32)
+        part = _dot(_raw_nibbles(q, 2, DTYPE, ASM), x2, part, DOT_F32)
+        part = _dot(_raw_nibbles(q, 3, DTYPE, ASM), x3, part, DOT_F32)
+        sums = _dot(ones, x0, zero, DOT_F32)
+        sums = _dot(ones, x1, sums, DOT_F32)
+        sums = _dot(ones, x2, sums, DOT_F32)
+        sums = _dot(ones, x3, sums, DOT_F32)
+        magic = 1024.0 if DTYPE == tl.float16 else 128.0
+        acc += (part - (z + magic) * sums) * s
     return acc
 
 
@@ -384,28 +410,34 @@ def _w4a16_gemv_kernel(
 @triton.jit
 def _w4a16_dequant_kernel(
     q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, stride_sn,
-    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, ASM: tl.constexpr,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
 ):
     """The float weight ``(N, K)`` in the output's dtype: TILES tiles of BLOCK_N rows per program.
 
-    The threads lie along K: a row's codes are one long contiguous read, and each quarter's
-    stores from a warp fill whole 32-byte sectors. It writes at about 2.2 TB/s on an H200, as
-    the one-tile-per-program version did (benchmarks/NOTES_w4a16.md): slower than the previous
-    layout's kernel, whose threads held consecutive features."""
+    Indexed by output feature ``(row, tile, quarter j, p)``, so that a thread writes 16 bytes of
+    consecutive features and a warp's stores are one contiguous span; the four quarters of a
+    tile read the same codes (Triton loads them once and shares them through shared memory).
+    On an H200 this writes 2.8-3.3 TB/s of codes read plus weights written, against 1.9-2.3 for
+    threads holding the codes' int16 order, whose 16-feature pieces lay 32 bytes apart, and 2.5-3.0
+    for the same indexing with the inline-PTX conversion (benchmarks/NOTES_w4a16.md): a copy-bound
+    kernel, where the plain float32 arithmetic costs nothing and rounds exactly as the reference."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)
-    Q: tl.constexpr = TILES * _QUARTER
-    c = tl.program_id(1) * Q + tl.arange(0, Q)  # int16 column within the row
-    q = tl.load(q_ptr.to(tl.pointer_type(tl.int16)) + rows[:, None] * stride_qn + c[None, :])
-    feature = c // _QUARTER * _TILE + c % _QUARTER  # of quarter 0
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
-    asm: tl.constexpr = ASM and dtype != tl.float32
-    n_ok = (offs_n < N)[:, None]
-    dst = out_ptr + offs_n[:, None] * K + feature[None, :]
-    for j in tl.static_range(4):
-        s, z = _group_params(s_ptr, z_ptr, rows[:, None] * stride_sn, ((feature + j * _QUARTER) // GROUP)[None, :],
-                             HAS_ZEROS)
-        tl.store(dst + j * _QUARTER, _nibbles(q, z, s, j, True, dtype, asm), mask=n_ok)
+    row = rows[:, None, None, None]
+    t = (tl.program_id(1) * TILES + tl.arange(0, TILES))[None, :, None, None]
+    j = tl.arange(0, 4)[None, None, :, None]
+    p = tl.arange(0, _QUARTER)[None, None, None, :]
+    q = tl.load(q_ptr.to(tl.pointer_type(tl.int16)) + row * stride_qn + t * _QUARTER + p + j * 0)
+    group = (t * _TILE + j * _QUARTER) // GROUP + p * 0
+    s = tl.load(s_ptr + row * stride_sn + group).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + row * stride_sn + group).to(tl.float32)
+    else:
+        z = tl.full(s.shape, 8.0, tl.float32)
+    # (code - zero) * scale is exact in float32 (a 5-bit integer times a 16-bit float): one rounding
+    w = (((q.to(tl.int32) >> (4 * j)) & 0xF).to(tl.float32) - z) * s
+    dst = out_ptr + row.to(tl.int64) * K + t * _TILE + j * _QUARTER + p
+    tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None, None, None] & (t >= 0) & (j >= 0) & (p >= 0))
 
 
 # --- path choice and launch ---------------------------------------------------------------------
@@ -438,7 +470,9 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> di
         block_m = 8 if m <= 8 else 16
         if n >= 16384:
             return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256, SPLIT=1, SPLIT_K=2, num_warps=4, num_stages=4)
-        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=64, SPLIT=8, num_stages=3)
+        if m <= 8 and k < 8192:
+            return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, SPLIT=4, num_stages=3)
+        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=128, SPLIT=8, num_stages=3)
     return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=128 if n >= 16384 else 64, BLOCK_K=128, SPLIT=1, SPLIT_K=2,
                 num_warps=4, num_stages=3)
 
@@ -509,19 +543,19 @@ def w4a16_gemv(x2, qweight, scales, zeros, group_size, bias, config=None):
     return out
 
 
-def w4a16_dequantize(qweight, scales, zeros, group_size, dtype, block_n: int = 8, tiles: int = 16,
-                      asm: Optional[bool] = None):
-    """The float ``(N, K)`` weight, on the dequantize kernel (``fast_path_ok`` must hold)."""
+def w4a16_dequantize(qweight, scales, zeros, group_size, dtype, block_n: int = 4, tiles: int = 16,
+                      num_warps: int = 4):
+    """The float ``(N, K)`` weight, on the dequantize kernel (``fast_path_ok`` must hold). The
+    default blocks are the H200's best at the Llama-3-8B shapes (benchmarks/NOTES_w4a16.md)."""
     from torch.library import wrap_triton
 
     n, k = qweight.shape[0], qweight.shape[1] * PACK_FACTOR
     while (k // TILE) % tiles:
         tiles //= 2
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
-    asm = (not INTERPRET) if asm is None else asm
     wrap_triton(_w4a16_dequant_kernel)[(triton.cdiv(n, block_n), k // (TILE * tiles))](
         qweight, scales, zeros if zeros is not None else scales, out, n, k, qweight.stride(0) * 2, scales.stride(0),
-        GROUP=group_size, HAS_ZEROS=zeros is not None, BLOCK_N=block_n, TILES=tiles, ASM=asm, num_warps=4,
+        GROUP=group_size, HAS_ZEROS=zeros is not None, BLOCK_N=block_n, TILES=tiles, num_warps=num_warps,
     )
     return out
 

@@ -14,9 +14,7 @@ from pymllm_fx.kernels._triton import (
     as_rows,
     check_contiguous,
     grouped_tile,
-    num_sms,
     runs_triton,
-    store_row,
     store_tile,
     tl,
     triton,
@@ -52,31 +50,64 @@ def w8a16_reference(
 # per-channel scale once to the float32 sum, never to each weight.
 
 
+# int8 -> float32 in two instructions per weight: XOR flips each byte to u = q + 128, PRMT puts
+# u in the low byte of the float 2^23 (0x4B000000), which is then 2^23 + u exactly, and one FADD
+# of -(2^23 + 128) leaves q. Triton's own conversion is an I2F per weight, which Hopper issues at
+# a quarter of the FMA rate.
+_INT8_TO_F32 = tl.constexpr("{ .reg .b32 u, m; xor.b32 u, $4, 0x80808080; mov.b32 m, 0x4B000000; prmt.b32 $0, u, m, 0x7540; prmt.b32 $1, u, m, 0x7541; prmt.b32 $2, u, m, 0x7542; prmt.b32 $3, u, m, 0x7543; sub.f32 $0, $0, 0f4B000080; sub.f32 $1, $1, 0f4B000080; sub.f32 $2, $2, 0f4B000080; sub.f32 $3, $3, 0f4B000080; }")
+
+
+@triton.jit
+def _int8_to_f32(q, ASM: tl.constexpr):
+    if ASM:
+        return tl.inline_asm_elementwise(_INT8_TO_F32, "=r,=r,=r,=r,r", [q], dtype=tl.float32, is_pure=True, pack=4)
+    return q.to(tl.float32)
+
+
 @triton.jit
 def _w8a16_gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr, N, K,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
 ):
-    """Decode path: one activation row per program column, CUDA-core FMAs, optional split-K."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    """Decode path, one activation row: ``out (1, N) = x (1, K) @ (q * s).T``.
+
+    BLOCK_N rows per program, the threads along K with 16 consecutive codes each (one 16-byte
+    load), the activations loaded in the codes' layout (``rows * 0``: the same addresses for
+    every row fold into one load per thread), so nothing moves between threads until the final
+    sum. Rows past N are clamped (valid memory, dropped at the store); with EVEN_K no load is
+    masked, otherwise one masked step takes the tail."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
     offs_k = tl.arange(0, BLOCK_K)
-    blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(blocks, SPLIT_K)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, blocks)
+    q_ptrs = qweight_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    x_ptrs = x_ptr + rows[:, None] * 0 + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for b in range(first, last):
-        k = b * BLOCK_K + offs_k
-        k_ok = k < K
-        q = tl.load(qweight_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        xv = tl.load(x_ptr + row * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += q.to(tl.float32) * xv[None, :]
-    out = tl.sum(acc, axis=1) * tl.load(scales_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    store_row(out_ptr + row * stride_om, out, bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)
+    full = K // BLOCK_K
+    for b in range(0, full):
+        q = tl.load(q_ptrs + b * BLOCK_K)
+        acc += _int8_to_f32(q, ASM) * tl.load(x_ptrs + b * BLOCK_K).to(tl.float32)
+    if not EVEN_K:
+        k_ok = (full * BLOCK_K + offs_k < K)[None, :] & (rows[:, None] >= 0)
+        q = tl.load(q_ptrs + full * BLOCK_K, mask=k_ok, other=0)
+        acc += _int8_to_f32(q, ASM) * tl.load(x_ptrs + full * BLOCK_K, mask=k_ok, other=0.0).to(tl.float32)
+    out = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows).to(tl.float32)
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _w8a16_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The float weight ``q * s`` ``(N, K)`` in the output's dtype (exact in float32, rounded once,
+    as the reference): one pass, 16-byte loads, for cuBLAS at large M."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = tl.minimum(offs_n, N - 1)
+    ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    offs = rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    q = tl.load(q_ptr + offs, mask=ok, other=0)
+    w = q.to(tl.float32) * tl.load(s_ptr + rows).to(tl.float32)[:, None]
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -109,16 +140,15 @@ def _w8a16_gemm_kernel(
 # Paths and block shapes by M (activation rows), from benchmarks/tune.py on the H100 at the
 # Llama-3-8B shapes. Past DEQUANT_MIN_M rows the conversion is a small share of the matmul.
 GEMV_MAX_M = 1
-DEQUANT_MIN_M = 2048
+DEQUANT_MIN_M = 256
 
 
-def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    block_n, block_k = 8, 512
-    programs = -(-n // block_n) * m
-    split_k = 1
-    while programs * split_k < 2 * num_sms(device) and split_k < 8 and k // (block_k * split_k * 2) >= 1:
-        split_k *= 2
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=2)
+def _gemv_config(n: int, k: int) -> dict:
+    """From the H200 at the Llama-3-8B shapes (benchmarks/NOTES_w4a16.md): longer K runs per
+    program for long rows or few of them, more rows per program otherwise."""
+    if k >= 8192 or n <= 4096:
+        return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+    return dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)
 
 
 def _gemm_config(m: int, n: int, k: int) -> dict:
@@ -132,22 +162,20 @@ def _gemm_config(m: int, n: int, k: int) -> dict:
 
 
 def w8a16_gemv(x2, qweight, scales, bias, config=None):
-    """``(M, K) -> (M, N)`` on the decode kernel."""
+    """``(M, K) -> (M, N)`` on the decode kernel, one launch per activation row (M is 1 in decode)."""
     from torch.library import wrap_triton
 
     m, k = x2.shape
     n = qweight.shape[0]
-    cfg = config or _gemv_config(m, n, k, x2.device)
-    split_k = cfg["SPLIT_K"]
-    out = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if split_k == 1 else torch.zeros(
-        (m, n), device=x2.device, dtype=torch.float32
-    )
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
-    wrap_triton(_w8a16_gemv_kernel)[grid](
-        x2, qweight, scales, bias if bias is not None else scales, out, n, k, x2.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, **cfg,
-    )
-    return out if split_k == 1 else out.to(x2.dtype)
+    cfg = dict(config or _gemv_config(n, k))
+    asm = cfg.pop("ASM", True) and not INTERPRET
+    out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    for row in range(m):
+        wrap_triton(_w8a16_gemv_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+            x2[row], qweight, scales, bias if bias is not None else scales, out[row], n, k,
+            HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, ASM=asm, **cfg,
+        )
+    return out
 
 
 def w8a16_gemm(x2, qweight, scales, bias, config=None):
@@ -166,6 +194,18 @@ def w8a16_gemm(x2, qweight, scales, bias, config=None):
     return out
 
 
+def w8a16_dequantize(qweight, scales, dtype, block_n: int = 8, block_k: int = 512):
+    """The float ``(N, K)`` weight on the dequantize kernel."""
+    from torch.library import wrap_triton
+
+    n, k = qweight.shape
+    out = torch.empty((n, k), device=qweight.device, dtype=dtype)
+    wrap_triton(_w8a16_dequant_kernel)[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        qweight, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
+
+
 def w8a16_triton(x, qweight, scales, bias):
     """The GPU path of the op: GEMV for decode-sized M, the fused GEMM in between, and the
     reference (one fused conversion, then cuBLAS) for large M or fp32 activations."""
@@ -175,6 +215,8 @@ def w8a16_triton(x, qweight, scales, bias):
         out = w8a16_gemv(x2, qweight, scales, bias)
     elif m < DEQUANT_MIN_M and x2.dtype != torch.float32:
         out = w8a16_gemm(x2, qweight, scales, bias)
+    elif x2.dtype != torch.float32:  # compute-bound: the weight once in float, then cuBLAS
+        out = F.linear(x2, w8a16_dequantize(qweight, scales, x2.dtype), None if bias is None else bias.to(x2.dtype))
     else:
         out = w8a16_reference(x2, qweight, scales, bias)
     return out.reshape(*x.shape[:-1], qweight.shape[0])

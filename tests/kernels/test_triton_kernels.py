@@ -34,10 +34,7 @@ W4_CFGS = [  # one-warp-group K splits (SPLIT > 1: batched dots), plain tiles, s
     dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=64, SPLIT=1, SPLIT_K=2, num_warps=4, num_stages=2),  # K over programs too
 ]
 W4_GEMV_CFGS = [dict(BLOCK_N=16, TILES=2, num_warps=4), dict(BLOCK_N=8, TILES=1, num_warps=2)]
-GEMV_CFGS = [
-    dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=2),
-    dict(BLOCK_N=8, BLOCK_K=64, SPLIT_K=3, num_warps=4, num_stages=2),
-]
+GEMV_CFGS = [dict(BLOCK_N=16, BLOCK_K=256, num_warps=4), dict(BLOCK_N=8, BLOCK_K=64, num_warps=2)]  # K tails, N tails
 GEMM_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -95,8 +92,8 @@ def test_w4a16_inline_ptx_is_bit_exact_with_the_portable_path(m, n, k, group_siz
         fast = w4a16.w4a16_mma(x, qweight, scales, zeros, group_size, None, dict(cfg))
         portable = w4a16.w4a16_mma(x, qweight, scales, zeros, group_size, None, dict(cfg, ASM=False))
         assert torch.equal(fast, portable), cfg
-    fast = w4a16.w4a16_dequantize(qweight, scales, zeros, group_size, dtype)
-    assert torch.equal(fast, w4a16.w4a16_dequantize(qweight, scales, zeros, group_size, dtype, asm=False))
+    assert torch.equal(w4a16.w4a16_dequantize(qweight, scales, zeros, group_size, dtype),
+                       w4a16.dequantize_int4(qweight, scales, zeros, group_size).to(dtype))  # one rounding in both
     if w4a16.gemv_ok(k, group_size, dtype):
         for cfg in W4_GEMV_CFGS + [dict(BLOCK_N=16, TILES=64, num_warps=8)]:
             fast = w4a16.w4a16_gemv(x[:1], qweight, scales, zeros, group_size, None, dict(cfg))
@@ -116,6 +113,24 @@ def test_w8a16_kernels_match_reference(m, n, k, dtype):
     for cfg in GEMV_CFGS:
         assert rel_err(w8a16.w8a16_gemv(x, qweight, scales, bias, cfg), ref) <= REL_TOL[dtype], cfg
     assert rel_err(w8a16.w8a16_gemm(x, qweight, scales, bias, GEMM_CFG), ref) <= REL_TOL[dtype]
+    weight = w8a16.w8a16_dequantize(qweight, scales, dtype, block_n=8, block_k=64)  # tails in N and K
+    expect = qweight.to(dtype) * scales[:, None]
+    if CUDA:  # one rounding of an exact float32 product, as the reference (the interpreter truncates)
+        assert torch.equal(weight, expect)
+    assert rel_err(weight, expect) <= REL_TOL[dtype] / 2
+
+
+@pytest.mark.skipif(not CUDA, reason="inline PTX runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n, k", [(40, 200), (4096, 4096), (6144, 4096), (4096, 14336)])
+def test_w8a16_inline_ptx_is_bit_exact_with_the_portable_path(n, k, dtype):
+    seed("w8-asm", n, k, dtype)
+    qweight = torch.randint(-128, 128, (n, k), dtype=torch.int8).to(DEVICE)
+    scales = (torch.rand(n) * 0.02 + 0.001).to(DEVICE, dtype)
+    x = torch.randn(1, k).to(DEVICE, dtype)
+    for cfg in GEMV_CFGS + [dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)]:
+        fast = w8a16.w8a16_gemv(x, qweight, scales, None, dict(cfg))
+        assert torch.equal(fast, w8a16.w8a16_gemv(x, qweight, scales, None, dict(cfg, ASM=False))), cfg
 
 
 def fp8_emulated(xq, x_scale, weight, weight_scale, bias, dtype):
