@@ -65,8 +65,8 @@ def fn(spec):
         return "w4", lambda x, w: F.linear(x, _old("w4a16").w4a16_dequantize(w["qweight"], w["scales"], w["zeros"], G, x.dtype))
     if kind == "deqonly_old":
         return "w4", lambda x, w: _old("w4a16").w4a16_dequantize(w["qweight"], w["scales"], w["zeros"], G, x.dtype)
-    if kind == "mma":  # BM/BN/BK/SPLIT/warps/stages/SPLIT_K/FOLD
-        cfg = dict(BLOCK_M=v[0], BLOCK_N=v[1], BLOCK_K=v[2], SPLIT=v[3], num_warps=v[4], num_stages=v[5], SPLIT_K=v[6], FOLD=bool(v[7]))
+    if kind == "mma":  # BM/BN/BK/SPLIT/warps/stages/SPLIT_K
+        cfg = dict(BLOCK_M=v[0], BLOCK_N=v[1], BLOCK_K=v[2], SPLIT=v[3], num_warps=v[4], num_stages=v[5], SPLIT_K=v[6])
         return "w4", lambda x, w: w4a16.w4a16_mma(x, w["qweight"], w["scales"], w["zeros"], G, None, dict(cfg))
     if kind == "mma_old":
         cfg = dict(BLOCK_M=v[0], BLOCK_N=v[1], BLOCK_K=v[2], SPLIT=v[3], num_warps=v[4], num_stages=v[5], SPLIT_K=v[6])
@@ -91,9 +91,6 @@ def fn(spec):
         return "w8", f
     if kind == "w8":
         return "w8", lambda x, w: w8a16.w8a16_triton(x, w["qweight"], w["scales"], None)
-    if kind == "w8gemv":  # BN/BK/warps/stages/SPLIT_K
-        cfg = dict(BLOCK_N=v[0], BLOCK_K=v[1], num_warps=v[2], num_stages=v[3], SPLIT_K=v[4])
-        return "w8", lambda x, w: w8a16.w8a16_gemv(x, w["qweight"], w["scales"], None, dict(cfg))
     if kind == "w8gemv2":  # BN/BK/warps/ASM
         cfg = dict(BLOCK_N=v[0], BLOCK_K=v[1], num_warps=v[2], ASM=bool(v[3]))
         return "w8", lambda x, w: w8a16.w8a16_gemv(x, w["qweight"], w["scales"], None, dict(cfg))

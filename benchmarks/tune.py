@@ -58,10 +58,10 @@ def nbytes(tensors: dict) -> int:
 
 
 # Candidate configs per path. Each distinct set of constexprs compiles once and serves every shape.
-GEMV_BASE = [
-    dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-    for bn, bk, w, s in itertools.product([8, 16, 32], [256, 512], [4], [2, 4])
-] + [dict(BLOCK_N=32, BLOCK_K=bk, num_warps=8, num_stages=3) for bk in (256, 512)]
+GEMV_BASE = [  # the 8-bit GEMVs: rows per program, K per step, warps
+    dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+    for bn, bk, w in itertools.product([8, 16, 32], [256, 512, 1024], [4])
+] + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=8) for bn, bk in ((16, 1024), (8, 2048), (32, 512))]
 
 
 def w4_candidates(m):
@@ -122,7 +122,7 @@ def family_paths(family, m):
     elif family == "w8a16":
         gemv = lambda x, w, c: w8a16.w8a16_gemv(x, w["qweight"], w["scales"], None, c)  # noqa: E731
         gemm = lambda x, w, c: w8a16.w8a16_gemm(x, w["qweight"], w["scales"], None, c)  # noqa: E731
-        deq = lambda x, w, c: w8a16.w8a16_reference(x, w["qweight"], w["scales"])  # noqa: E731
+        deq = lambda x, w, c: F.linear(x, w8a16.w8a16_dequantize(w["qweight"], w["scales"], x.dtype))  # noqa: E731
         ref = lambda x, w: w8a16.w8a16_reference(x, w["qweight"], w["scales"])  # noqa: E731
     else:
         gemv = lambda x, w, c: fp8_w8a8.fp8_gemv(x, w["weight"], w["weight_scale"], None, c)  # noqa: E731
@@ -131,10 +131,7 @@ def family_paths(family, m):
         ref = lambda x, w: fp8_w8a8.fp8_linear_reference(x, w["weight"], w["weight_scale"])  # noqa: E731
     paths = []
     if m <= 8:
-        splits = [1, 2, 4] if family != "fp8" else [None]
-        for base, split in itertools.product(GEMV_BASE, splits):
-            cfg = dict(base) if split is None else dict(base, SPLIT_K=split)
-            paths.append(("gemv", cfg, gemv))
+        paths += [("gemv", dict(base), gemv) for base in GEMV_BASE]
     paths += [("gemm", c, gemm) for c in gemm_candidates(m, family)]
     if m >= 32:
         paths.append(("dequant+cublas" if family != "fp8" else "scaled_mm", None, deq))
