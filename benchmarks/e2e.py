@@ -78,7 +78,7 @@ from common import (
     timed,
 )
 
-METHODS = ("bf16", "int8", "int4", "fp8", "torchao-int4")
+METHODS = ("bf16", "int8", "int4", "fp8", "torchao-int4", "bf16-fused", "int8-unfused", "int4-unfused", "fp8-unfused")
 PHASES = ("prefill", "gen", "lean", "logits")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "e2e.json"
 
@@ -116,14 +116,20 @@ def build_model(config, device: torch.device, seed: int) -> nn.Module:
 
 def apply_method(model: nn.Module, method: str, group=None) -> nn.Module:
     """``group``: a tensor-parallel process group (bf16 is then sharded by the "none" method); None
-    outside torch.distributed, False for a whole model inside it."""
+    outside torch.distributed, False for a whole model inside it. Sibling fusion (q/k/v and gate/up
+    as one GEMM under torch.compile) is on for pymllm_fx's methods; "<method>-unfused" turns it
+    off, and "bf16-fused" is bf16 through pymllm_fx's "none" layers with it on."""
     import pymllm_fx
 
     if method == "bf16":
-        return model if not group else pymllm_fx.quantize(model, "none", progress=False, process_group=group)
-    if method in ("int8", "int4", "fp8"):
+        return model if not group else pymllm_fx.quantize(model, "none", progress=False, process_group=group,
+                                                          fuse_siblings=False)
+    if method == "bf16-fused":
+        return pymllm_fx.quantize(model, "none", progress=False, process_group=group)
+    base, _, unfused = method.partition("-")
+    if base in ("int8", "int4", "fp8") and unfused in ("", "unfused"):
         # int4: group_size 128, asym (the defaults)
-        return pymllm_fx.quantize(model, method, progress=False, process_group=group)
+        return pymllm_fx.quantize(model, base, progress=False, process_group=group, fuse_siblings=not unfused)
     if group:
         raise ValueError(f"{method}: no tensor-parallel version (pymllm_fx methods and bf16 only)")
     if method == "torchao-int4":
@@ -142,7 +148,14 @@ def compile_counters() -> Dict[str, int]:
     """What dynamo/inductor did since the last ``counters.clear()``: graphs, breaks, cudagraph skips."""
     from torch._dynamo.utils import counters
 
+    from pymllm_fx.passes import siblings
+
+    fused = [dict(entry) for entry in siblings.FUSION_LOG]
+    siblings.FUSION_LOG.clear()
     return {
+        # linear op calls in the compiled graphs before and after sibling fusion (q/k/v, gate/up)
+        "linear_calls_before_fusion": sum(e["calls_before"] for e in fused),
+        "linear_calls_after_fusion": sum(e["calls_after"] for e in fused),
         "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
         "graph_breaks": int(sum(counters["graph_break"].values())),
         "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0)),
@@ -152,7 +165,10 @@ def compile_counters() -> Dict[str, int]:
 def clear_counters() -> None:
     from torch._dynamo.utils import counters
 
+    from pymllm_fx.passes import siblings
+
     counters.clear()
+    siblings.FUSION_LOG.clear()
 
 
 @torch.no_grad()

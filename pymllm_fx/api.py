@@ -29,6 +29,8 @@ from pymllm_fx.loading.export import save_quantized  # noqa: F401  (public, re-e
 from pymllm_fx.loading.hf import build_on_meta, mark_quantized, materialize_buffers, read_config
 from pymllm_fx.methods.registry import MethodSpec, resolve, resolve_checkpoint
 from pymllm_fx.passes import LinearSite, find_linears, swap_linears
+from pymllm_fx.passes.siblings import fuse_sibling_storage
+from pymllm_fx.passes.siblings import install as install_sibling_fusion
 from pymllm_fx.report import Explanation, LayerRow
 
 DEFAULT_SKIP: Tuple[str, ...] = ("lm_head",)
@@ -46,6 +48,7 @@ def quantize(
     progress: bool = True,
     process_group: Optional[Any] = None,
     strict: bool = False,
+    fuse_siblings: bool = True,
 ) -> nn.Module:
     """Quantize every linear layer of ``model`` in place and return it.
 
@@ -63,6 +66,9 @@ def quantize(
     column-parallel where a row-parallel layer consumes its output (q/k/v, gate/up), row-parallel
     (all-reduced) where its input is a column-parallel output (o_proj, down_proj), replicated
     otherwise. Each rank keeps only its shard; embeddings, norms and skipped layers stay whole.
+    ``fuse_siblings``: quantized layers that read the same input (q/k/v, gate/up) store their
+    tensors in one buffer (each layer's parameters are views into it), so that under
+    ``torch.compile`` they run as one GEMM and a split; eager runs are unchanged either way.
     On any error the model is left exactly as it was.
     """
     _check_model(model)
@@ -119,12 +125,23 @@ def quantize(
     for layer in layers.values():
         layer.refresh_weight_view()
     swap_linears(model, layers)
+    if fuse_siblings:
+        if fuse_sibling_storage(model, _sibling_groups(sites, layers))["fused"]:
+            install_sibling_fusion()
     left_float = {site.path: skip_reason(site, skip) for site in sites if skip_reason(site, skip) is not None}
     _record_float_layers(model, {**left_float, **refused})
     _record_float_params(model, {site.param: site.reason for site in matmul_params})
     _warn_unswapped([site for site in sites if not site.swappable], matmul_params, model)
     mark_quantized(model, _name(quant_method))
     return model
+
+
+def _sibling_groups(sites: List[LinearSite], layers: Dict[str, nn.Module]) -> List[List[str]]:
+    """Groups of sites that read one input, in graph order, with at least one swapped member."""
+    order = {site.path: i for i, site in enumerate(sites)}
+    groups = {tuple(sorted({site.path, *site.siblings}, key=lambda p: order.get(p, len(order))))
+              for site in sites if site.siblings and site.path in layers}
+    return [list(g) for g in sorted(groups, key=lambda g: order.get(g[0], len(order)))]
 
 
 def _name(quant_method) -> str:
@@ -177,6 +194,7 @@ def from_pretrained(
     progress: bool = True,
     process_group: Optional[Any] = None,
     strict: bool = False,
+    fuse_siblings: bool = True,
 ) -> nn.Module:
     """A ready quantized transformers model from a local checkpoint directory, in eval mode.
 
@@ -186,13 +204,13 @@ def from_pretrained(
     model is ever allocated: peak memory is the quantized model plus one checkpoint tensor.
     Linears the checkpoint stores in float (its skipped layers) stay float. ``device`` defaults
     to CUDA when there is one; ``dtype`` (activations, embeddings, norms) to the config's.
-    ``process_group``, ``strict``: as for :func:`quantize`; each rank reads the checkpoint and keeps its shards.
+    ``process_group``, ``strict``, ``fuse_siblings``: as for :func:`quantize`; each rank reads the checkpoint and keeps its shards.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, quant_method, skip, _ = _open_checkpoint(Path(path), method, dtype, skip)
     # The graph is captured with everything on meta; buffers no checkpoint holds are made real after.
     quantize(model, quant_method, weights=path, skip=skip, device=device, progress=progress, process_group=process_group,
-             strict=strict)
+             strict=strict, fuse_siblings=fuse_siblings)
     materialize_buffers(model, device)
     generation = Path(path) / "generation_config.json"
     if (generation.exists() or generation.is_symlink()) and getattr(model, "generation_config", None) is not None:

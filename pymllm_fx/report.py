@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional, TextIO
+from typing import Dict, List, Optional, TextIO
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ class Explanation:
     rows: List[LayerRow] = field(default_factory=list)
     model_bytes_before: int = 0
     model_bytes_after: int = 0
+    # sibling groups (layers reading one input): fused ones run as one GEMM under torch.compile
+    fused_groups: List[List[str]] = field(default_factory=list)
+    unfused_groups: Dict[str, str] = field(default_factory=dict)  # "a, b, c" -> why not
 
     @property
     def linear_bytes_before(self) -> int:
@@ -55,7 +59,22 @@ class Explanation:
              human_bytes(self.model_bytes_after),
              f"{self.model_bytes_before / max(self.model_bytes_after, 1):.2f}x"],
         ]
-        return format_table(headers, body, totals)
+        table = format_table(headers, body, totals)
+        return table + self.sibling_lines()
+
+    def sibling_lines(self) -> str:
+        """The sibling groups: which share one GEMM when compiled, which do not and why."""
+        if not self.fused_groups and not self.unfused_groups:
+            return ""
+        lines = [f"\nsibling groups fused into one GEMM under torch.compile: {len(self.fused_groups)}"]
+        shapes = collections.Counter(" + ".join(p.rpartition(".")[2] for p in g) for g in self.fused_groups)
+        lines += [f"  {shape} x{n}" for shape, n in shapes.most_common()]
+        if self.unfused_groups:
+            lines.append(f"not fused: {len(self.unfused_groups)}")
+            lines += [f"  {paths}: {why}" for paths, why in list(self.unfused_groups.items())[:8]]
+            if len(self.unfused_groups) > 8:
+                lines.append(f"  ... and {len(self.unfused_groups) - 8} more")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
@@ -127,6 +146,9 @@ def explain(model: nn.Module, file: Optional[TextIO] = sys.stdout) -> Explanatio
             size = weight.numel() * weight.element_size()
             report.rows.append(LayerRow(name, "-", f"not quantized ({weight.dtype}): {why}".replace("torch.", ""),
                                         " x ".join(map(str, weight.shape)), size, size))
+    groups = getattr(model, "_pymllm_fx_sibling_groups", None) or {}
+    report.fused_groups = [list(g) for g in groups.get("fused", [])]
+    report.unfused_groups = dict(groups.get("unfused", {}))
     everything = list(model.parameters()) + list(model.buffers())
     report.model_bytes_after = _tensor_bytes(everything)
     report.model_bytes_before = report.model_bytes_after + report.linear_bytes_before - report.linear_bytes_after
