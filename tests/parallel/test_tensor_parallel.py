@@ -70,6 +70,9 @@ def _worker(rank: int, world: int, port: int, expected: dict, checkpoints: dict,
             assert isinstance(attn.q_proj, ColumnParallelLinear) and isinstance(mlp.up_proj, ColumnParallelLinear)
             assert isinstance(attn.o_proj, RowParallelLinear) and isinstance(mlp.down_proj, RowParallelLinear)
             assert type(model.lm_head) is torch.nn.Linear  # skipped: whole on every rank
+            for a, b in ((attn.q_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):  # column siblings fuse per rank
+                first = next(iter(a.parameters(recurse=False)))
+                assert first.untyped_storage().data_ptr() == next(iter(b.parameters(recurse=False))).untyped_storage().data_ptr()
             if name == "int4":  # packed shards: 8 codes per int32 along K, groups of 32
                 assert tuple(attn.k_proj.qweight.shape) == (64 // world, 128 // 8)
                 assert tuple(mlp.down_proj.qweight.shape) == (128, 256 // world // 8)
