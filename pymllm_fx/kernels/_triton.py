@@ -46,10 +46,13 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def gemv_8bit_config(n: int, k: int) -> dict:
+    """Block shapes of the one-row GEMVs over 8-bit weights (int8, fp8), from the H200 at the
+    Llama-3-8B shapes (benchmarks/NOTES_w4a16.md): longer K runs per program for long rows or
+    few of them, more rows per program otherwise."""
+    if k >= 8192 or n <= 4096:
+        return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+    return dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)
 
 
 # --- pieces shared by the kernels (Triton inlines these into each kernel) ----------------------
@@ -65,19 +68,6 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     first_m = (pid // width) * GROUP_M
     rows = tl.minimum(grid_m - first_m, GROUP_M)
     return first_m + (pid % width) % rows, (pid % width) // rows
-
-
-@triton.jit
-def store_row(out_ptr, out, bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """A GEMV program's float32 results for one output row: bias once (by the first K split),
-    then a plain store, or a float32 atomic add when SPLIT_K programs share the row."""
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(out_ptr + offs_n, out, mask=n_ok, sem="relaxed")
 
 
 @triton.jit

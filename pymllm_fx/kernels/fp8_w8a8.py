@@ -13,6 +13,7 @@ from pymllm_fx.kernels._triton import (
     INTERPRET,
     as_rows,
     check_contiguous,
+    gemv_8bit_config,
     grouped_tile,
     runs_triton,
     store_tile,
@@ -188,9 +189,7 @@ def fp8_gemv(x2, weight, weight_scale, bias, config=None):
 
     m, k = x2.shape
     n = weight.shape[0]
-    # from the H200 at the Llama-3-8B shapes, as for the int8 GEMV
-    cfg = config or (dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4) if k >= 8192 or n <= 4096
-                     else dict(BLOCK_N=16, BLOCK_K=512, num_warps=4))
+    cfg = config or gemv_8bit_config(n, k)
     out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     wrap_triton(_fp8_gemv_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
         x2, weight, weight_scale, bias if bias is not None else weight_scale, out, n, k, x2.stride(0), out.stride(0),

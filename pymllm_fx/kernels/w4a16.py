@@ -437,7 +437,7 @@ def _w4a16_dequant_kernel(
     # (code - zero) * scale is exact in float32 (a 5-bit integer times a 16-bit float): one rounding
     w = (((q.to(tl.int32) >> (4 * j)) & 0xF).to(tl.float32) - z) * s
     dst = out_ptr + row.to(tl.int64) * K + t * _TILE + j * _QUARTER + p
-    tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None, None, None] & (t >= 0) & (j >= 0) & (p >= 0))
+    tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None, None, None])  # broadcast over t, j, p
 
 
 # --- path choice and launch ---------------------------------------------------------------------

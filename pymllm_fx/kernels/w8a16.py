@@ -13,6 +13,7 @@ from pymllm_fx.kernels._triton import (
     INTERPRET,
     as_rows,
     check_contiguous,
+    gemv_8bit_config,
     grouped_tile,
     runs_triton,
     store_tile,
@@ -137,18 +138,11 @@ def _w8a16_gemm_kernel(
     store_tile(out_ptr, acc, bias_ptr, offs_m, offs_n, m_ok, n_ok, stride_om, HAS_BIAS)
 
 
-# Paths and block shapes by M (activation rows), from benchmarks/tune.py on the H100 at the
-# Llama-3-8B shapes. Past DEQUANT_MIN_M rows the conversion is a small share of the matmul.
+# Paths by M (activation rows). The GEMM's block shapes are from benchmarks/tune.py on the H100 at
+# the Llama-3-8B shapes; DEQUANT_MIN_M from benchmarks/ab.py on the H200 (a tie with the GEMM at
+# M = 128, dequantize + cuBLAS well ahead at 1024; nothing between was timed).
 GEMV_MAX_M = 1
 DEQUANT_MIN_M = 256
-
-
-def _gemv_config(n: int, k: int) -> dict:
-    """From the H200 at the Llama-3-8B shapes (benchmarks/NOTES_w4a16.md): longer K runs per
-    program for long rows or few of them, more rows per program otherwise."""
-    if k >= 8192 or n <= 4096:
-        return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
-    return dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)
 
 
 def _gemm_config(m: int, n: int, k: int) -> dict:
@@ -167,7 +161,7 @@ def w8a16_gemv(x2, qweight, scales, bias, config=None):
 
     m, k = x2.shape
     n = qweight.shape[0]
-    cfg = dict(config or _gemv_config(n, k))
+    cfg = dict(config or gemv_8bit_config(n, k))
     asm = cfg.pop("ASM", True) and not INTERPRET
     out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     for row in range(m):
@@ -207,8 +201,8 @@ def w8a16_dequantize(qweight, scales, dtype, block_n: int = 8, block_k: int = 51
 
 
 def w8a16_triton(x, qweight, scales, bias):
-    """The GPU path of the op: GEMV for decode-sized M, the fused GEMM in between, and the
-    reference (one fused conversion, then cuBLAS) for large M or fp32 activations."""
+    """The GPU path of the op: GEMV for decode-sized M, the fused GEMM in between, the dequantize
+    kernel then cuBLAS for large M, and the reference for fp32 activations."""
     x2 = as_rows(x)
     m = x2.shape[0]
     if m <= GEMV_MAX_M:
