@@ -21,14 +21,14 @@ from __future__ import annotations
 import hashlib
 import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from pymllm_fx.layers.siblings import TAG, SiblingTag, fuse_group
+from pymllm_fx.layers.siblings import TAG, SiblingTag, at_its_rows, fuse_group
 
 GROUPS_ATTR = "_pymllm_fx_sibling_groups"  # on the model: {"fused": [[paths]], "unfused": {paths: why}}
 
@@ -77,37 +77,22 @@ def _is_linear_op(target) -> bool:
 @dataclass
 class _Call:
     node: Any
-    tags: Dict[int, SiblingTag] = field(default_factory=dict)  # argument position -> its tag
+    tag: SiblingTag  # the member's place in its group (every one of its tensors carries the same)
+    positions: Tuple[int, ...]  # the arguments that are its tensors
 
 
 def _describe(node) -> Optional[_Call]:
-    """A linear op call whose tensor arguments (after the input) are all members of one group."""
+    """A linear op call whose tensor arguments (after the input) are all of one member of a group."""
     if node.op != "call_function" or not _is_linear_op(node.target) or node.kwargs or not node.args:
         return None
-    call = _Call(node)
+    tags = {}
     for pos, arg in enumerate(node.args[1:], start=1):
         if isinstance(arg, torch.fx.Node):
             real = _real(arg)
-            tag = getattr(real, TAG, None) if real is not None else None
-            if tag is None:
-                return None
-            call.tags[pos] = tag
-    tags = set((t.group, t.index) for t in call.tags.values())
-    return call if len(tags) == 1 else None
-
-
-def _adjacent(members: List[_Call], pos: int) -> bool:
-    """The real tensors at argument ``pos`` still sit at their tagged rows of one buffer."""
-    reals = [_real(m.node.args[pos]) for m in members]
-    first = reals[0]
-    row = first.stride(0) if first.dim() else 1
-    for m, real in zip(members, reals):
-        tag = m.tags[pos]
-        if (real.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or real.storage_offset() != first.storage_offset() + tag.offset * row
-                or tuple(real.shape[1:]) != tuple(first.shape[1:]) or real.stride() != first.stride()):
-            return False
-    return True
+            tags[pos] = getattr(real, TAG, None) if real is not None else None
+    if not tags or None in tags.values() or len(set(tags.values())) > 1:
+        return None
+    return _Call(node, next(iter(tags.values())), tuple(tags))
 
 
 def rewrite_siblings(graph: torch.fx.Graph) -> int:
@@ -118,24 +103,24 @@ def rewrite_siblings(graph: torch.fx.Graph) -> int:
     before = sum(1 for n in graph.nodes if n.op == "call_function" and _is_linear_op(n.target))
     by_key: Dict[Tuple, List[_Call]] = {}
     for c in calls:
-        tag = next(iter(c.tags.values()))
         statics = tuple(a if not isinstance(a, torch.fx.Node) else "node" for a in c.node.args[1:])
-        key = (c.node.target, c.node.args[0], tag.group, tuple(sorted(c.tags)), statics)
+        key = (c.node.target, c.node.args[0], c.tag.group, c.positions, statics)
         by_key.setdefault(key, []).append(c)
+    order = {n: i for i, n in enumerate(graph.nodes)}  # insertions below keep the original nodes' order
     fused = 0
-    for key, members in by_key.items():
-        members.sort(key=lambda c: next(iter(c.tags.values())).index)
-        tags = [next(iter(c.tags.values())) for c in members]
+    for members in by_key.values():
+        members.sort(key=lambda c: c.tag.index)
+        tags = [c.tag for c in members]
         if [t.index for t in tags] != list(range(tags[0].members)):
             continue  # not every member is called on this input in this graph
-        if not all(_adjacent(members, pos) for pos in members[0].tags):
+        if not all(at_its_rows(_real(m.node.args[pos]), _real(members[0].node.args[pos]))
+                   for pos in members[0].positions for m in members):
             continue  # moved or replaced since quantize: run unfused
-        order = {n: i for i, n in enumerate(graph.nodes)}
         first_node = min((m.node for m in members), key=order.__getitem__)
         head = members[0].node
         with graph.inserting_before(first_node):
             args = list(head.args)
-            for pos in members[0].tags:
+            for pos in members[0].positions:
                 real = _real(head.args[pos])
                 size = [tags[0].total, *real.shape[1:]]
                 args[pos] = graph.call_function(torch.ops.aten.as_strided.default,

@@ -18,7 +18,7 @@ from torch.nn import Parameter
 
 from pymllm_fx.layers.parameter import copy_into, narrow_for_rank, set_weight_attrs, stored_size
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
-from pymllm_fx.layers.siblings import refuse_after_move
+from pymllm_fx.layers.siblings import fuse_again_after_move
 
 
 _CODE_FLOATS = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -156,7 +156,7 @@ class LinearBase(nn.Module):
         if new_dtype is not None:
             self.params_dtype = new_dtype
         self.refresh_weight_view()
-        refuse_after_move(self)  # sibling fusion survives model.to(...)
+        fuse_again_after_move(self)  # sibling fusion survives model.to(...)
         return result
 
     @property

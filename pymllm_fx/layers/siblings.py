@@ -93,7 +93,7 @@ def fuse_group(layers: Sequence[nn.Module], group: Optional[int] = None) -> Opti
     return None
 
 
-def refuse_after_move(layer: nn.Module) -> None:
+def fuse_again_after_move(layer: nn.Module) -> None:
     """After ``layer``'s tensors were moved or cast: if they left their group's buffer and every
     member of the group now matches again (the last one moved), fuse the group anew."""
     tag = next((getattr(p, TAG) for p in layer.parameters(recurse=False) if hasattr(p, TAG)), None)
@@ -102,18 +102,18 @@ def refuse_after_move(layer: nn.Module) -> None:
     members = [ref() for ref in _GROUPS[tag.group]]
     if any(m is None for m in members):
         return
-    first = [p for p in members[0].parameters(recurse=False)]
-    if all(_in_place(m, first) for m in members):
+    first = list(members[0].parameters(recurse=False))
+    if all(at_its_rows(p, base) for m in members for p, base in zip(m.parameters(recurse=False), first)):
         return
     fuse_group(members, tag.group)  # a no-op (with its reason) while some member has not moved yet
 
 
-def _in_place(layer: nn.Module, first: List[torch.Tensor]) -> bool:
-    """Whether ``layer``'s tensors still sit at their tagged rows of the first member's buffers."""
-    for p, base in zip(layer.parameters(recurse=False), first):
-        tag = getattr(p, TAG, None)
-        if tag is None or p.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
-            return False
-        if p.storage_offset() != base.storage_offset() + tag.offset * (base.stride(0) if base.dim() else 1):
-            return False
-    return True
+def at_its_rows(t: torch.Tensor, first: torch.Tensor) -> bool:
+    """Whether the tagged tensor ``t`` still sits at its rows of the buffer that ``first`` (the
+    same tensor of its group's first member) begins: same storage, the tagged offset, the same
+    trailing shape and strides."""
+    tag = getattr(t, TAG, None)
+    row = first.stride(0) if first.dim() else 1
+    return (tag is not None and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            and t.storage_offset() == first.storage_offset() + tag.offset * row
+            and t.shape[1:] == first.shape[1:] and t.stride() == first.stride())
