@@ -145,17 +145,16 @@ def apply_method(model: nn.Module, method: str, group=None) -> nn.Module:
 
 
 def compile_counters() -> Dict[str, int]:
-    """What dynamo/inductor did since the last ``counters.clear()``: graphs, breaks, cudagraph skips."""
+    """What dynamo/inductor did since the last ``clear_counters()``: graphs, breaks, cudagraph skips, and
+    the linear op calls before and after sibling fusion."""
     from torch._dynamo.utils import counters
 
     from pymllm_fx.passes import siblings
 
-    fused = [dict(entry) for entry in siblings.FUSION_LOG]
-    siblings.FUSION_LOG.clear()
     return {
         # linear op calls in the compiled graphs before and after sibling fusion (q/k/v, gate/up)
-        "linear_calls_before_fusion": sum(e["calls_before"] for e in fused),
-        "linear_calls_after_fusion": sum(e["calls_after"] for e in fused),
+        "linear_calls_before_fusion": sum(e["calls_before"] for e in siblings.FUSION_LOG),
+        "linear_calls_after_fusion": sum(e["calls_after"] for e in siblings.FUSION_LOG),
         "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
         "graph_breaks": int(sum(counters["graph_break"].values())),
         "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0)),
