@@ -52,6 +52,7 @@ class LinearSite:
     parallel: str = "replicated"
     head_dim: Optional[int] = None  # when the output is viewed as heads right away (q/k/v)
     param: str = ""  # for a matmul weight outside any nn.Linear: its parameter's name
+    experts: int = 0  # for a stacked 3-D weight multiplied one expert slice at a time: how many slices
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -191,7 +192,7 @@ def _indexed_matmul(placeholder: torch.fx.Node, depth: int = 5) -> Optional[torc
             for user in node.users:
                 if user.op != "call_function":
                     continue
-                if user.target in _MATMUL_OPS or getattr(user.target, "__name__", "").startswith("_grouped_mm"):
+                if user.target in _MATMUL_OPS or "grouped_mm" in getattr(user.target, "__name__", ""):
                     operands = list(user.args[1]) if user.target == aten.einsum.default else list(user.args)
                     if node in operands[1:]:  # the weight side; operand 0 is an activation (a looked-up row)
                         return user
@@ -317,7 +318,7 @@ def _from_graph(model: nn.Module, program: torch.export.ExportedProgram) -> List
                 key = f"param:{name}"
                 sites[key] = LinearSite(
                     path, int(weight.shape[-1]), int(weight.shape[-2]), False, weight.dtype, weight.device, "linear",
-                    swappable=False, param=name,
+                    swappable=False, param=name, experts=int(weight.shape[0]) if weight.dim() == 3 else 0,
                     reason=f"{name} ({'x'.join(map(str, weight.shape))}) is multiplied slice by slice "
                            f"({_op_name(indexed)}), as fused MoE experts are; not an nn.Linear",
                 )

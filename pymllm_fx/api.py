@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pymllm_fx.layers.fused_moe import FusedMoE, expert_shape, experts_contract, own_expert_tensors
 from pymllm_fx.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from pymllm_fx.loading import (
     CheckpointError,
@@ -69,6 +70,9 @@ def quantize(
     ``fuse_siblings``: quantized layers that read the same input (q/k/v, gate/up) store their
     tensors in one buffer (each layer's parameters are views into it), so that under
     ``torch.compile`` they run as one GEMM and a split; eager runs are unchanged either way.
+    Mixture-of-experts blocks: a module whose stacked 3-D weights the graph multiplies one expert
+    at a time, and that declares transformers' experts interface, becomes a ``FusedMoE`` layer run
+    by the method's grouped kernel (int8, int4, fp8); other expert weights stay float, with a warning.
     On any error the model is left exactly as it was.
     """
     _check_model(model)
@@ -114,6 +118,7 @@ def quantize(
                       + "; ".join(f"{path}" for path in list(refused)[:5]) + (" ..." if len(refused) > 5 else "")
                       + " (see explain(model); strict=True makes this an error)", stacklevel=2)
         plan = [site for site in plan if site.path in dry]
+    expert_plan, expert_reasons = _plan_experts(model, matmul_params, quant_method, skip, tp, weights, strict)
     if weights is not None:
         _check_fits(model, dry, checkpoint_tensors(weights), weights)
     build = functools.partial(_build_layer, quant_method=quant_method, device=device, tp=tp)
@@ -122,18 +127,87 @@ def quantize(
     else:
         layers = {site.path: build(site) for site in plan}
         _load_checkpoint(model, layers, weights, progress, device)
+    expert_layers = _quantize_own_experts(model, expert_plan, quant_method, device, progress)
     for layer in layers.values():
         layer.refresh_weight_view()
-    swap_linears(model, layers)
+    swap_linears(model, {**layers, **expert_layers})
     if fuse_siblings:
         if fuse_sibling_storage(model, _sibling_groups(sites, layers))["fused"]:
             install_sibling_fusion()
     left_float = {site.path: skip_reason(site, skip) for site in sites if skip_reason(site, skip) is not None}
     _record_float_layers(model, {**left_float, **refused})
-    _record_float_params(model, {site.param: site.reason for site in matmul_params})
-    _warn_unswapped([site for site in sites if not site.swappable], matmul_params, model)
+    still_float = [site for site in matmul_params if site.path not in expert_layers]
+    _record_float_params(model, {site.param: expert_reasons.get(site.path, site.reason) for site in still_float})
+    _warn_unswapped([site for site in sites if not site.swappable], still_float, model)
     mark_quantized(model, _name(quant_method))
     return model
+
+
+def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_method, skip, tp: "TensorParallel",
+                  weights, strict: bool) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
+    """The experts modules to replace (path -> module) and why the others stay float. The graph
+    found them (3-D weights multiplied one expert slice at a time); the module's own flags say how
+    it computes, so no model is named here."""
+    owners: Dict[str, List[LinearSite]] = {}
+    for site in matmul_params:
+        if site.experts:
+            owners.setdefault(site.path, []).append(site)
+    make_method = getattr(quant_method, "experts_method", None)
+    plan, reasons = {}, {}
+    for path, found in owners.items():
+        module = model.get_submodule(path)
+        why = experts_contract(module)
+        if why is None:
+            why = _pattern_reason(path, skip, found[0])
+        if why is None and make_method is None:
+            why = f"{_name(quant_method)} has no grouped kernel for experts (int8, int4 and fp8 do)"
+        if why is None and tp.size > 1:
+            why = "experts are not sharded over tensor-parallel ranks yet"
+        if why is None and weights is not None:
+            why = "experts are not loaded from a checkpoint yet (quantize the float model instead)"
+        if why is None:
+            try:
+                _build_experts(path, module, make_method(), "meta")
+            except ValueError as err:
+                if strict:
+                    raise
+                why = f"{_name(quant_method)} cannot take them ({err})"
+        if why:
+            reasons[path] = why
+        else:
+            plan[path] = module
+    return plan, reasons
+
+
+def _build_experts(path: str, module: nn.Module, experts_method, device) -> FusedMoE:
+    num, hidden, inter = expert_shape(module)
+    params_dtype = module.down_proj.dtype
+    with torch.device(device if device is not None else module.down_proj.device):
+        return FusedMoE(num, hidden, inter, quant_method=experts_method, params_dtype=params_dtype,
+                        has_gate=module.has_gate, has_bias=module.has_bias, prefix=path)
+
+
+def _quantize_own_experts(model: nn.Module, plan: Dict[str, nn.Module], quant_method, device,
+                          progress: bool) -> Dict[str, nn.Module]:
+    """Build, load and calibrate one experts layer at a time from the module's float weights."""
+    layers: Dict[str, nn.Module] = {}
+    problems = []
+    for path, module in tqdm(plan.items(), desc="quantizing experts", unit="layer", disable=not progress or not plan):
+        if module.down_proj.device.type == "meta":
+            raise ValueError(f"{path}: the model's weights are on the meta device; pass weights=<checkpoint path>")
+        layer = _build_experts(path, module, quant_method.experts_method(), device)
+        targets = {name: LoadTarget(param, owner=path) for name, param in layer.named_parameters()}
+        try:
+            load_weights(targets, own_expert_tensors(module).items())
+        except CheckpointError as err:
+            problems.append(f"{path}: {err}")
+            continue
+        layer.quant_method.process_weights_after_loading(layer)
+        layer.adopt(module)
+        layers[path] = layer
+    if problems:
+        raise CheckpointError("quantization failed; the model was left unchanged.\n" + "\n".join(problems))
+    return layers
 
 
 def _sibling_groups(sites: List[LinearSite], layers: Dict[str, nn.Module]) -> List[List[str]]:
@@ -463,15 +537,20 @@ def skip_reason(site: LinearSite, skip: SkipSpec) -> Optional[str]:
         return f"weight tied to {', '.join(site.tied_to)}; quantizing it would untie them"
     if not site.dtype.is_floating_point:
         return f"weight dtype {site.dtype} is not floating point"
+    return _pattern_reason(site.path, skip, site)
+
+
+def _pattern_reason(path: str, skip: SkipSpec, site: LinearSite) -> Optional[str]:
+    """Why ``skip`` (patterns or a predicate, given ``site``) leaves the module at ``path`` float."""
     skip = _normalize_skip(skip)
     if callable(skip):
         verdict = skip(site)  # True, or the reason as text
         return verdict if isinstance(verdict, str) and verdict else ("skipped by the skip predicate" if verdict else None)
-    leaf = site.path.rpartition(".")[2]
-    parts = site.path.split(".")
+    leaf = path.rpartition(".")[2]
+    parts = path.split(".")
     enclosing = [".".join(parts[:i]) for i in range(1, len(parts))]
     for pattern in skip:
-        if fnmatch.fnmatchcase(site.path, pattern) or fnmatch.fnmatchcase(leaf, pattern):
+        if fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(leaf, pattern):
             return f"matches skip pattern {pattern!r}"
         inside = next((p for p in enclosing if fnmatch.fnmatchcase(p, pattern)), None)
         if inside is not None:

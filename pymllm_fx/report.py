@@ -121,7 +121,15 @@ def explain(model: nn.Module, file: Optional[TextIO] = sys.stdout) -> Explanatio
     reasons = getattr(model, "_pymllm_fx_float_layers", None) or {}
     for path, module in model.named_modules():
         method = getattr(module, "quant_method", None)
-        if method is not None:
+        if method is not None and hasattr(module, "num_experts"):  # a FusedMoE layer: every expert of a block
+            after = _tensor_bytes(module.parameters(recurse=False))
+            rows = (2 if module.has_gate else 1) * module.intermediate_size_per_partition
+            report.rows.append(LayerRow(
+                path, getattr(method, "name", type(method).__name__), method.describe(module),
+                f"{module.num_experts} x ({rows} x {module.hidden_size} + {module.hidden_size} x "
+                f"{module.intermediate_size_per_partition})", module.float_bytes(), after,
+            ))
+        elif method is not None:
             dtype = module.params_dtype
             elements = module.input_size_per_partition * sum(module.output_partition_sizes)
             bias = module.bias.numel() if module.bias is not None else 0

@@ -15,9 +15,11 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX, quantize_fp8_per_channel
+from pymllm_fx.layers.fused_moe import FusedMoEMethodBase, create_float_experts
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import check_config_keys, check_finite, config_str
+from pymllm_fx.methods.int8 import quantize_experts, run_8bit_experts
 
 WEIGHT_STRATEGIES = ("channel", "tensor")
 _MIN_SCALE = 1e-12  # as quantize_fp8_per_channel: an all-zero weight keeps a finite scale
@@ -71,6 +73,9 @@ class Fp8LinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         return torch.ops.pymllm_fx.fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
+    def experts_method(self) -> "Fp8MoEMethod":
+        return Fp8MoEMethod()
+
     def describe(self, layer: torch.nn.Module) -> str:
         return f"W8A8 e4m3, per-{self.weight_strategy} weight, per-token act"
 
@@ -84,3 +89,26 @@ class Fp8LinearMethod(LinearMethodBase):
                 f"quantizing from float weights supports only 'dynamic'"
             )
         return cls(weight_strategy=config_str(cls.name, config, "weight_strategy", "channel").lower())
+
+
+@dataclass
+class Fp8MoEMethod(FusedMoEMethodBase):
+    """Experts as e4m3 codes ``(E, N, K)`` with one float32 scale per row ``(E, N)``, whatever the
+    linear layers' ``weight_strategy``. The grouped kernel reads them weight-only: the activations
+    stay 16-bit, which costs nothing at decode, where the experts are bound by reading their bytes."""
+
+    name = "fp8"
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs: Any) -> None:
+        create_float_experts(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                             extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        quantize_experts(layer, quantize_fp8_per_channel)
+
+    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
+        return run_8bit_experts(layer, x, topk_ids, topk_weights)
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        return f"W8A16 e4m3 per-channel, {layer.num_experts} experts"

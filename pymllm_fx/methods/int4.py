@@ -14,7 +14,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4
+from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4, pack_words
+from pymllm_fx.layers.fused_moe import FusedMoEMethodBase, create_float_experts, expert_chunks, run_experts
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import check_config_keys, check_finite, config_bool, config_int
@@ -101,6 +102,9 @@ class Int4LinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         return torch.ops.pymllm_fx.w4a16_linear(x, layer.qweight, layer.scales, layer.zeros, self.group_size, bias)
 
+    def experts_method(self) -> "Int4MoEMethod":
+        return Int4MoEMethod(self.group_size, self.sym)
+
     def describe(self, layer: torch.nn.Module) -> str:
         k = layer.input_size_per_partition
         tail = k % self.group_size
@@ -113,3 +117,50 @@ class Int4LinearMethod(LinearMethodBase):
         if config_int(cls.name, config, "bits", 4) != 4:
             raise ValueError(f"int4: bits must be 4, got {config['bits']}")
         return cls(group_size=config_int(cls.name, config, "group_size", 128), sym=config_bool(cls.name, config, "sym", False))
+
+
+@dataclass
+class Int4MoEMethod(FusedMoEMethodBase):
+    """Experts in 4 bits, as the linear method calibrates them, in the grouped kernel's layout:
+    ``qweight`` ``(E, N, K // 8)`` packed along K in plain order (``kernels/moe.py``)."""
+
+    group_size: int = 128
+    sym: bool = False
+
+    name = "int4"
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs: Any) -> None:
+        for what, k in (("hidden size", hidden_size), ("expert intermediate size", intermediate_size_per_partition)):
+            if k % PACK_FACTOR:
+                raise ValueError(f"{getattr(layer, 'prefix', '') or 'experts'}: int4 packs {PACK_FACTOR} input features "
+                                 f"per int32, but the {what} {k} is not a multiple of {PACK_FACTOR}; use int8")
+        create_float_experts(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                             extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        for which in ("w13", "w2"):
+            weight = getattr(layer, which + "_weight").data
+            check_finite(getattr(layer, "prefix", "") or "experts", which + "_weight", weight)
+            experts, n, k = weight.shape
+            packed, scales, zeros = [], [], []
+            for part in expert_chunks(experts, n, k):
+                codes, s, z = quantize_int4(weight[part].reshape(-1, k), self.group_size, self.sym)
+                packed.append(pack_words(codes, 4).view(-1, n, k // PACK_FACTOR))
+                scales.append(s.view(-1, n, s.shape[-1]))
+                zeros.append(None if z is None else z.view(-1, n, z.shape[-1]))
+            replace_parameters(layer, (which + "_weight",), {
+                which + "_qweight": torch.cat(packed), which + "_scales": torch.cat(scales),
+                which + "_zeros": None if self.sym else torch.cat(zeros),
+            })
+
+    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
+        def gemm(inputs, which, ids, weights):
+            return torch.ops.pymllm_fx.moe_w4a16(
+                inputs, getattr(layer, which + "_qweight"), getattr(layer, which + "_scales"),
+                getattr(layer, which + "_zeros"), self.group_size, ids, weights)
+
+        return run_experts(layer, x, topk_ids, topk_weights, gemm)
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        return f"W4A16 g{self.group_size} {'sym' if self.sym else 'asym'}, {layer.num_experts} experts"

@@ -961,7 +961,23 @@ def fake_quantize(weight, method) -> "torch.Tensor":
                 z = torch.round(-lo / s).clamp(0, 15)
                 out[:, k:k + group] = ((torch.round(g / s) + z).clamp(0, 15) - z) * s
         return out.to(weight.dtype)
+    if name == "fp8":  # the weight side only: e4m3 per output channel
+        s = (w.abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=1e-12)
+        return ((w / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).to(weight.dtype)
     raise ValueError(f"no fake quantization for method {name!r}")
+
+
+def fake_quantize_experts(module, method) -> None:
+    """A transformers experts module's stacked weights, in place, replaced by their fake-quantized
+    values expert by expert, in the (out, in) layout a FusedMoE layer quantizes."""
+    import torch
+
+    with torch.no_grad():
+        for name in ("gate_up_proj" if module.has_gate else "up_proj", "down_proj"):
+            param = getattr(module, name)
+            w = param.transpose(1, 2) if module.is_transposed else param
+            fake = torch.stack([fake_quantize(w[e], method) for e in range(w.shape[0])])
+            param.copy_(fake.transpose(1, 2) if module.is_transposed else fake)
 
 
 def simulated_output(model, quantized, swapped: Sequence[str], inputs):
@@ -977,6 +993,9 @@ def simulated_output(model, quantized, swapped: Sequence[str], inputs):
             for path in swapped:
                 old = sim.get_submodule(path)
                 method = quantized.get_submodule(path).quant_method
+                if hasattr(quantized.get_submodule(path), "num_experts"):  # a FusedMoE layer
+                    fake_quantize_experts(old, method)
+                    continue
                 w = old.weight.data
                 old.weight.data = fake_quantize(w.t(), method).t().contiguous() if is_conv1d(old) \
                     else fake_quantize(w, method)

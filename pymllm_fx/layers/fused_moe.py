@@ -1,0 +1,254 @@
+"""Mixture-of-experts layers that hold a quant_method: the experts' counterpart of ``linear.py``.
+
+transformers 5 keeps a MoE block's experts in one module with stacked 3-D weights,
+``gate_up_proj`` ``(E, 2I, H)`` (or ``up_proj`` ``(E, I, H)`` without a gate) and ``down_proj``
+``(E, H, I)`` (both transposed when ``is_transposed``), and calls it as
+``experts(hidden_states, top_k_index, top_k_weights)``. ``FusedMoE`` takes that module's place
+with the same call. Its method's grouped kernels run every token through its k experts; the
+model's own gate function (SiLU-and-multiply, gpt-oss's clamped and interleaved variant) runs
+between the two GEMMs, so no architecture needs code here.
+
+Parameter names follow vLLM: ``w13_*`` is the gate and up projections stacked ``(E, 2I, H)`` in the
+module's own row order, ``w2_*`` the down projection ``(E, H, I)``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from pymllm_fx.layers.parameter import copy_into, register_param, set_weight_attrs
+from pymllm_fx.layers.quantize_base import QuantizeMethodBase
+
+# What a transformers experts module says about itself (set by ``@use_experts_implementation``).
+_FLAGS = ("has_gate", "has_bias", "is_transposed")
+
+
+class FusedMoEMethodBase(QuantizeMethodBase):
+    """How a quantization method stores and runs a layer's experts (vLLM's FusedMoEMethodBase).
+
+    ``create_weights`` registers the ``w13_*`` and ``w2_*`` tensors with ``weight_loader``
+    attributes; ``process_weights_after_loading`` calibrates or repacks them; ``apply`` runs the
+    experts of every token (usually through :func:`run_experts` with the method's grouped GEMM).
+    """
+
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        raise NotImplementedError
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(T, H)``, each token's experts and routing weights ``(T, k)`` -> ``(T, H)``."""
+        raise NotImplementedError
+
+    def describe(self, layer: nn.Module) -> str:
+        return ""
+
+
+def experts_contract(module: nn.Module) -> Optional[str]:
+    """Why ``module`` is not an experts module this layer can replace, or None when it is: the
+    stacked weights and the flags of transformers' experts interface, read from the module."""
+    missing = [flag for flag in _FLAGS if not isinstance(getattr(module, flag, None), bool)]
+    if missing:
+        return (f"{type(module).__name__} does not declare transformers' experts interface ({', '.join(missing)} "
+                f"unset), so its forward is unknown")
+    if getattr(module, "_is_expert_parallel", False):
+        return "it is expert-parallel"
+    if getattr(module, "has_post_expert_norm", False) and not isinstance(getattr(module, "post_expert_norm", None), nn.Module):
+        return "it declares a post-expert norm but holds none"
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    names = [first, "down_proj"] + ([first + "_bias", "down_proj_bias"] if module.has_bias else [])
+    tensors = [getattr(module, name, None) for name in names]
+    if any(not isinstance(t, torch.Tensor) for t in tensors):
+        return f"it lacks one of {', '.join(names)}"
+    up, down = tensors[0], tensors[1]
+    if up.dim() != 3 or down.dim() != 3 or up.shape[0] != down.shape[0]:
+        return f"{first} {tuple(up.shape)} and down_proj {tuple(down.shape)} are not stacks of one matrix per expert"
+    num, hidden, inter = expert_shape(module)
+    rows = 2 * inter if module.has_gate else inter
+    want_up = (num, hidden, rows) if module.is_transposed else (num, rows, hidden)
+    want_down = (num, inter, hidden) if module.is_transposed else (num, hidden, inter)
+    if tuple(up.shape) != want_up or tuple(down.shape) != want_down:
+        return f"{first} {tuple(up.shape)} and down_proj {tuple(down.shape)} do not chain (hidden {hidden}, intermediate {inter})"
+    if not up.dtype.is_floating_point or up.dtype != down.dtype:
+        return f"its weights are {up.dtype} and {down.dtype}, not one float dtype"
+    return None
+
+
+def expert_shape(module: nn.Module):
+    """``(experts, hidden, intermediate)`` of a transformers experts module."""
+    down = module.down_proj
+    num = int(down.shape[0])
+    hidden, inter = (int(down.shape[2]), int(down.shape[1])) if module.is_transposed else (int(down.shape[1]), int(down.shape[2]))
+    return num, hidden, inter
+
+
+def _plain_float(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _stacked_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    copy_into(param.data, loaded)
+
+
+class FusedMoE(nn.Module):
+    """The experts of one MoE block, run by ``quant_method`` (a ``FusedMoEMethodBase``)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        quant_method: FusedMoEMethodBase,
+        params_dtype: torch.dtype,
+        has_gate: bool = True,
+        has_bias: bool = False,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size_per_partition = intermediate_size
+        self.params_dtype = params_dtype
+        self.has_gate = has_gate
+        self.has_bias = has_bias
+        self.prefix = prefix
+        self.quant_method = quant_method
+        self._gate: Optional[Callable] = None  # the replaced class's _apply_gate, called with this layer
+        quant_method.create_weights(self, num_experts, hidden_size, intermediate_size, params_dtype,
+                                    weight_loader=_stacked_loader)
+        rows = (2 if has_gate else 1) * intermediate_size
+        for name, size in (("w13_bias", rows), ("w2_bias", hidden_size)):
+            if has_bias:
+                register_param(self, name, torch.empty(num_experts, size, dtype=params_dtype), {"output_dim": 1},
+                               {"weight_loader": _stacked_loader})
+            else:
+                self.register_parameter(name, None)
+
+    def adopt(self, experts: nn.Module) -> None:
+        """Take the replaced module's gate function and what it reads: its child modules (``act_fn``,
+        ``post_expert_norm``) and plain attributes (gpt-oss's ``alpha`` and ``limit``)."""
+        for name, child in experts.named_children():
+            self.add_module(name, child)
+        for key, value in vars(experts).items():
+            if not key.startswith("_") and key not in self.__dict__ and not isinstance(value, (torch.Tensor, nn.Module)):
+                self.__dict__[key] = value
+        self._gate = getattr(type(experts), "_apply_gate", None) if self.has_gate else None
+        if not getattr(experts, "has_post_expert_norm", False):
+            self._modules.pop("post_expert_norm", None)
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """``(S, 2I)`` gate-and-up outputs -> ``(S, I)``, as the replaced module computes it."""
+        if self._gate is not None:
+            return self._gate(self, h)
+        if self.has_gate:
+            gate, up = h.chunk(2, dim=-1)
+            return self.act_fn(gate) * up
+        return self.act_fn(h)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, hidden_states, top_k_index, top_k_weights)
+
+    def _apply(self, fn, recurse=True):
+        """A cast (``.half()``) changes the float tensors that hold values in the layer's dtype
+        (scales and zero points of int4, biases, float weights) and ``params_dtype``; never stored
+        codes (integers, e4m3) nor the float32 scales the 8-bit kernels read."""
+        params = {name: p for name, p in self._parameters.items() if p is not None}
+        eight_bit = any(p.element_size() == 1 for p in params.values())
+        fixed = {id(p) for name, p in params.items()
+                 if not _plain_float(p) or (eight_bit and name.endswith("_scales"))}
+
+        def cast(t):
+            out = fn(t)
+            return t.to(device=out.device) if out.dtype != t.dtype and id(t) in fixed else out
+
+        probe = fn(torch.empty(0, dtype=self.params_dtype))
+        result = super()._apply(cast, recurse)
+        if probe.is_floating_point():
+            self.params_dtype = probe.dtype
+        return result
+
+    def float_bytes(self) -> int:
+        """What the replaced module's float weights (and biases) took."""
+        rows = (2 if self.has_gate else 1) * self.intermediate_size_per_partition
+        per_expert = 2 * rows * self.hidden_size + (rows + self.hidden_size if self.has_bias else 0)
+        return self.num_experts * per_expert * torch.empty((), dtype=self.params_dtype).element_size()
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size_per_partition}, method={getattr(self.quant_method, 'name', '')}")
+
+
+GroupedGemm = Callable[[torch.Tensor, str, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def run_experts(layer: FusedMoE, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                gemm: GroupedGemm) -> torch.Tensor:
+    """The expert computation every method shares. ``gemm(inputs, "w13" | "w2", topk_ids, weights)``
+    is the method's grouped GEMM: rows of ``inputs`` (``(T, K)``, one per token, or ``(T*k, K)``, one
+    per token-expert pair) times each pair's expert, ``(T*k, N)``, scaled by ``weights`` if given.
+    The routing weight rides in the second GEMM unless a bias or a post-expert norm comes first."""
+    tokens, k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)
+    h = gemm(x, "w13", topk_ids, None)
+    if layer.w13_bias is not None:
+        h = h + layer.w13_bias[flat_ids]
+    h = layer.activate(h)
+    norm = layer._modules.get("post_expert_norm")
+    weights_inside = layer.w2_bias is None and norm is None
+    out = gemm(h, "w2", topk_ids, topk_weights if weights_inside else None)
+    if layer.w2_bias is not None:
+        out = out + layer.w2_bias[flat_ids]
+    if norm is not None:
+        out = norm(out)
+    if not weights_inside:
+        out = out * topk_weights.reshape(-1, 1).to(out.dtype)
+    return out.view(tokens, k, -1).float().sum(dim=1).to(x.dtype)
+
+
+def own_expert_tensors(experts: nn.Module) -> Dict[str, torch.Tensor]:
+    """The float tensors of a transformers experts module under ``FusedMoE``'s names and layout."""
+    first = "gate_up_proj" if experts.has_gate else "up_proj"
+
+    def layout(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().transpose(1, 2) if experts.is_transposed else t.detach()
+
+    out = {"w13_weight": layout(getattr(experts, first)), "w2_weight": layout(experts.down_proj)}
+    if experts.has_bias:
+        out["w13_bias"] = getattr(experts, first + "_bias").detach()
+        out["w2_bias"] = experts.down_proj_bias.detach()
+    return out
+
+
+def create_float_experts(layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int,
+                         params_dtype: torch.dtype, extra_weight_attrs: Dict[str, Any]) -> None:
+    """Register float ``w13_weight`` ``(E, 2I, H)`` (``(E, I, H)`` without a gate) and ``w2_weight``
+    ``(E, H, I)``: what methods that calibrate from float weights load first."""
+    rows = (2 if getattr(layer, "has_gate", True) else 1) * intermediate_size
+    for name, shape in (("w13_weight", (num_experts, rows, hidden_size)),
+                        ("w2_weight", (num_experts, hidden_size, intermediate_size))):
+        param = nn.Parameter(torch.empty(shape, dtype=params_dtype), requires_grad=False)
+        set_weight_attrs(param, {"output_dim": 1, "input_dim": 2})
+        set_weight_attrs(param, extra_weight_attrs)
+        layer.register_parameter(name, param)
+
+
+def expert_chunks(num_experts: int, rows: int, cols: int, budget: int = 1 << 26):
+    """Slices of experts whose ``rows x cols`` matrices hold at most ``budget`` elements together, so
+    that calibrating a large MoE layer needs a bounded float32 scratch."""
+    step = max(1, budget // max(rows * cols, 1))
+    return [slice(i, min(i + step, num_experts)) for i in range(0, num_experts, step)]
