@@ -15,7 +15,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pymllm_fx.layers.fused_moe import FusedMoE, expert_shape, experts_contract, own_expert_tensors
+from pymllm_fx.layers.fused_moe import (
+    FusedMoE,
+    expert_shape,
+    experts_contract,
+    own_expert_tensors,
+    tensor_parallel_problem,
+)
 from pymllm_fx.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from pymllm_fx.loading import (
     CheckpointError,
@@ -127,7 +133,7 @@ def quantize(
     else:
         layers = {site.path: build(site) for site in plan}
         _load_checkpoint(model, layers, weights, progress, device)
-    expert_layers = _quantize_own_experts(model, expert_plan, quant_method, device, progress)
+    expert_layers = _quantize_own_experts(model, expert_plan, quant_method, device, progress, tp)
     for layer in layers.values():
         layer.refresh_weight_view()
     swap_linears(model, {**layers, **expert_layers})
@@ -162,14 +168,14 @@ def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_metho
         if why is None and make_method is None:
             why = f"{_name(quant_method)} has no grouped kernel for experts (int8, int4 and fp8 do)"
         if why is None and tp.size > 1:
-            why = "experts are not sharded over tensor-parallel ranks yet"
+            why = tensor_parallel_problem(module, tp.size)
         if why is None and weights is not None:
             why = "experts are not loaded from a checkpoint yet (quantize the float model instead)"
         if why is None:
             try:
-                _build_experts(path, module, make_method(), "meta")
+                _build_experts(path, module, make_method(), "meta", tp)
             except ValueError as err:
-                if strict:
+                if strict or tp.size > 1:
                     raise
                 why = f"{_name(quant_method)} cannot take them ({err})"
         if why:
@@ -179,26 +185,29 @@ def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_metho
     return plan, reasons
 
 
-def _build_experts(path: str, module: nn.Module, experts_method, device) -> FusedMoE:
+def _build_experts(path: str, module: nn.Module, experts_method, device,
+                   tp: "TensorParallel" = None) -> FusedMoE:
+    tp = tp or TensorParallel()
     num, hidden, inter = expert_shape(module)
     params_dtype = module.down_proj.dtype
     with torch.device(device if device is not None else module.down_proj.device):
-        return FusedMoE(num, hidden, inter, quant_method=experts_method, params_dtype=params_dtype,
-                        has_gate=module.has_gate, has_bias=module.has_bias, prefix=path)
+        return FusedMoE(num, hidden, inter // tp.size, quant_method=experts_method, params_dtype=params_dtype,
+                        has_gate=module.has_gate, has_bias=module.has_bias, prefix=path,
+                        tp_rank=tp.rank, tp_size=tp.size, process_group=tp.group if tp.size > 1 else None)
 
 
 def _quantize_own_experts(model: nn.Module, plan: Dict[str, nn.Module], quant_method, device,
-                          progress: bool) -> Dict[str, nn.Module]:
+                          progress: bool, tp: "TensorParallel" = None) -> Dict[str, nn.Module]:
     """Build, load and calibrate one experts layer at a time from the module's float weights."""
     layers: Dict[str, nn.Module] = {}
     problems = []
     for path, module in tqdm(plan.items(), desc="quantizing experts", unit="layer", disable=not progress or not plan):
         if module.down_proj.device.type == "meta":
             raise ValueError(f"{path}: the model's weights are on the meta device; pass weights=<checkpoint path>")
-        layer = _build_experts(path, module, quant_method.experts_method(), device)
+        layer = _build_experts(path, module, quant_method.experts_method(), device, tp)
         targets = {name: LoadTarget(param, owner=path) for name, param in layer.named_parameters()}
         try:
-            load_weights(targets, own_expert_tensors(module).items())
+            load_weights(targets, own_expert_tensors(module, layer.tp_rank, layer.tp_size).items())
         except CheckpointError as err:
             problems.append(f"{path}: {err}")
             continue

@@ -10,6 +10,11 @@ between the two GEMMs, so no architecture needs code here.
 
 Parameter names follow vLLM: ``w13_*`` is the gate and up projections stacked ``(E, 2I, H)`` in the
 module's own row order, ``w2_*`` the down projection ``(E, H, I)``.
+
+Tensor parallelism splits every expert's intermediate dimension: a rank holds its slice of the gate
+rows and the same slice of the up rows (or a contiguous run of an interleaved gate/up), and the
+matching columns of the down projection; the partial outputs are all-reduced, the down bias
+added on rank 0 only.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from abc import abstractmethod
 from typing import Any, Callable, Dict, Optional
 
 import torch
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from pymllm_fx.layers.parameter import copy_into, register_param, set_weight_attrs
@@ -117,8 +123,13 @@ class FusedMoE(nn.Module):
         has_gate: bool = True,
         has_bias: bool = False,
         prefix: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        process_group: Optional[object] = None,
     ) -> None:
+        """``intermediate_size``: this rank's share of each expert's intermediate dimension."""
         super().__init__()
+        self.tp_rank, self.tp_size, self.process_group = tp_rank, tp_size, process_group
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size_per_partition = intermediate_size
@@ -161,7 +172,10 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, hidden_states, top_k_index, top_k_weights)
+        out = self.quant_method.apply(self, hidden_states, top_k_index, top_k_weights)
+        if self.process_group is not None and self.tp_size > 1:
+            out = funcol.all_reduce(out, "sum", self.process_group)
+        return out
 
     def _apply(self, fn, recurse=True):
         """A cast (``.half()``) changes the float tensors that hold values in the layer's dtype
@@ -211,7 +225,7 @@ def run_experts(layer: FusedMoE, x: torch.Tensor, topk_ids: torch.Tensor, topk_w
     norm = layer._modules.get("post_expert_norm")
     weights_inside = layer.w2_bias is None and norm is None
     out = gemm(h, "w2", topk_ids, topk_weights if weights_inside else None)
-    if layer.w2_bias is not None:
+    if layer.w2_bias is not None and getattr(layer, "tp_rank", 0) == 0:  # once over the ranks' partial sums
         out = out + layer.w2_bias[flat_ids]
     if norm is not None:
         out = norm(out)
@@ -220,18 +234,42 @@ def run_experts(layer: FusedMoE, x: torch.Tensor, topk_ids: torch.Tensor, topk_w
     return out.view(tokens, k, -1).float().sum(dim=1).to(x.dtype)
 
 
-def own_expert_tensors(experts: nn.Module) -> Dict[str, torch.Tensor]:
-    """The float tensors of a transformers experts module under ``FusedMoE``'s names and layout."""
+def own_expert_tensors(experts: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> Dict[str, torch.Tensor]:
+    """The float tensors of a transformers experts module under ``FusedMoE``'s names and layout,
+    this rank's share of them under tensor parallelism."""
     first = "gate_up_proj" if experts.has_gate else "up_proj"
 
     def layout(t: torch.Tensor) -> torch.Tensor:
         return t.detach().transpose(1, 2) if experts.is_transposed else t.detach()
 
-    out = {"w13_weight": layout(getattr(experts, first)), "w2_weight": layout(experts.down_proj)}
+    up, down = layout(getattr(experts, first)), layout(experts.down_proj)
+    out = {"w13_weight": _rank_rows(experts, up, tp_rank, tp_size),
+           "w2_weight": down.chunk(tp_size, dim=2)[tp_rank] if tp_size > 1 else down}
     if experts.has_bias:
-        out["w13_bias"] = getattr(experts, first + "_bias").detach()
+        out["w13_bias"] = _rank_rows(experts, getattr(experts, first + "_bias").detach(), tp_rank, tp_size)
         out["w2_bias"] = experts.down_proj_bias.detach()
     return out
+
+
+def _rank_rows(experts: nn.Module, t: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """A rank's rows (dim 1) of the gate-and-up tensor: the same slice of the gate half and of the up
+    half when they are concatenated, a contiguous run (whole gate/up pairs) when interleaved."""
+    if tp_size == 1:
+        return t
+    if experts.has_gate and getattr(experts, "is_concatenated", True):
+        gate, up = t.chunk(2, dim=1)
+        return torch.cat([gate.chunk(tp_size, dim=1)[tp_rank], up.chunk(tp_size, dim=1)[tp_rank]], dim=1)
+    return t.chunk(tp_size, dim=1)[tp_rank]
+
+
+def tensor_parallel_problem(experts: nn.Module, tp_size: int) -> Optional[str]:
+    """Why these experts cannot be split over ``tp_size`` ranks by their intermediate dimension."""
+    _, _, inter = expert_shape(experts)
+    if inter % tp_size or (not getattr(experts, "is_concatenated", True) and (2 * inter) % (2 * tp_size)):
+        return f"their intermediate size {inter} does not split evenly over tensor-parallel size {tp_size}"
+    if getattr(experts, "has_post_expert_norm", False):
+        return "a norm after each expert cannot be applied to a rank's partial sums"
+    return None
 
 
 def create_float_experts(layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int,

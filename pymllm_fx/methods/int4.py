@@ -135,6 +135,11 @@ class Int4MoEMethod(FusedMoEMethodBase):
             if k % PACK_FACTOR:
                 raise ValueError(f"{getattr(layer, 'prefix', '') or 'experts'}: int4 packs {PACK_FACTOR} input features "
                                  f"per int32, but the {what} {k} is not a multiple of {PACK_FACTOR}; use int8")
+        if getattr(layer, "tp_size", 1) > 1 and intermediate_size_per_partition % self.group_size:
+            raise ValueError(
+                f"{getattr(layer, 'prefix', '') or 'experts'}: the down projection's groups must lie within one "
+                f"tensor-parallel rank, but this rank's {intermediate_size_per_partition} intermediate features are "
+                f"not a multiple of group_size={self.group_size}; use a smaller group_size or tensor-parallel size")
         create_float_experts(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                              extra_weight_attrs)
 
