@@ -32,6 +32,7 @@ from pymllm_fx.loading import (
 )
 from pymllm_fx.loading.files import CheckpointRoot
 from pymllm_fx.loading.loader import check_headers
+from pymllm_fx.loading.renames import checkpoint_targets, model_names
 from pymllm_fx.loading.export import save_quantized  # noqa: F401  (public, re-exported here)
 from pymllm_fx.loading.hf import build_on_meta, mark_quantized, materialize_buffers, read_config
 from pymllm_fx.methods.registry import MethodSpec, resolve, resolve_checkpoint
@@ -126,14 +127,23 @@ def quantize(
         plan = [site for site in plan if site.path in dry]
     expert_plan, expert_reasons = _plan_experts(model, matmul_params, quant_method, skip, tp, weights, strict)
     if weights is not None:
-        _check_fits(model, dry, checkpoint_tensors(weights), weights)
+        _check_fits(model, dry, checkpoint_tensors(weights), weights,
+                    {path: (_build_experts(path, m, quant_method.experts_method(), "meta", tp), m)
+                     for path, m in expert_plan.items()})
     build = functools.partial(_build_layer, quant_method=quant_method, device=device, tp=tp)
     if weights is None:
         layers = _quantize_own_weights(model, plan, build, progress)
+        expert_layers = _quantize_own_experts(model, expert_plan, quant_method, device, progress, tp)
     else:
         layers = {site.path: build(site) for site in plan}
-        _load_checkpoint(model, layers, weights, progress, device)
-    expert_layers = _quantize_own_experts(model, expert_plan, quant_method, device, progress, tp)
+        experts = {path: (_build_experts(path, m, quant_method.experts_method(), device, tp), m)
+                   for path, m in expert_plan.items()}
+        _load_checkpoint(model, layers, weights, progress, device, experts)
+        expert_layers = {}
+        for path, (layer, module) in experts.items():
+            layer.quant_method.process_weights_after_loading(layer)
+            layer.adopt(module)
+            expert_layers[path] = layer
     for layer in layers.values():
         layer.refresh_weight_view()
     swap_linears(model, {**layers, **expert_layers})
@@ -143,7 +153,7 @@ def quantize(
     left_float = {site.path: skip_reason(site, skip) for site in sites if skip_reason(site, skip) is not None}
     _record_float_layers(model, {**left_float, **refused})
     still_float = [site for site in matmul_params if site.path not in expert_layers]
-    _record_float_params(model, {site.param: expert_reasons.get(site.path, site.reason) for site in still_float})
+    _record_float_params(model, {site.param: expert_reasons.get(site.param, site.reason) for site in still_float})
     _warn_unswapped([site for site in sites if not site.swappable], still_float, model)
     mark_quantized(model, _name(quant_method))
     return model
@@ -169,8 +179,10 @@ def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_metho
             why = f"{_name(quant_method)} has no grouped kernel for experts (int8, int4 and fp8 do)"
         if why is None and tp.size > 1:
             why = tensor_parallel_problem(module, tp.size)
-        if why is None and weights is not None:
-            why = "experts are not loaded from a checkpoint yet (quantize the float model instead)"
+        if why is None and weights is not None and getattr(quant_method, "prequantized", False):
+            raise NotImplementedError(
+                f"{path}: this checkpoint's experts are stored quantized ({_name(quant_method)}), which pymllm_fx does "
+                f"not load yet; load the float model and call quantize(model, 'int4' | 'int8' | 'fp8') instead")
         if why is None:
             try:
                 _build_experts(path, module, make_method(), "meta", tp)
@@ -179,7 +191,8 @@ def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_metho
                     raise
                 why = f"{_name(quant_method)} cannot take them ({err})"
         if why:
-            reasons[path] = why
+            for site in found:
+                reasons[site.param] = f"{site.reason}; it stays float: {why}"
         else:
             plan[path] = module
     return plan, reasons
@@ -367,7 +380,7 @@ def _check_modules_present(model: nn.Module, tensors: Dict[str, Any], path: Path
     """Every module holding weights must have tensors in the checkpoint (tied ones excepted), checked
     on the meta model before the graph is captured or anything is allocated."""
     prefixes = set()
-    for name in tensors:
+    for name in {*tensors, *model_names(model, tensors)}:
         parts = name.split(".")
         prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
     found = {id(p) for name, module in model.named_modules() if name in prefixes for p in module.parameters(recurse=False)}
@@ -620,14 +633,16 @@ def _load_checkpoint(
     weights: Union[str, Path],
     progress: bool,
     device: Optional[Union[str, torch.device]] = None,
+    experts: Optional[Dict[str, Tuple[nn.Module, nn.Module]]] = None,
 ) -> None:
     """Load every tensor of the model from a checkpoint; the model's own tensors are staged until all fit.
 
     Tensors still on ``meta`` (a model built without weights) are staged on ``device`` and become
     the model's parameters at the end; real ones are copied in place, keeping their device.
     """
+    experts = experts or {}
     targets = _layer_targets(layers)
-    replaced = set(layers)
+    replaced = set(layers) | set(experts)
     staged: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def stage(name: str, tensor: torch.Tensor, required: bool, finite: bool = True) -> None:
@@ -647,6 +662,7 @@ def _load_checkpoint(
         if name.rpartition(".")[0] not in replaced:
             # Buffers computed at construction (non-persistent) may still be in old checkpoints.
             stage(name, buffer, required=_is_persistent(model, name) and buffer.device.type == "meta", finite=False)
+    targets.update(checkpoint_targets(model, targets, checkpoint_tensors(weights), experts))
     seen = set()
     stream = tqdm(iter_weights(weights), desc="loading", unit="tensor", disable=not progress)
     try:
@@ -669,10 +685,14 @@ def _load_checkpoint(
     _rebind(model, new_params)
 
 
-def _check_fits(model: nn.Module, dry: Dict[str, nn.Module], tensors: Dict[str, Any], weights) -> None:
+def _check_fits(model: nn.Module, dry: Dict[str, nn.Module], tensors: Dict[str, Any], weights,
+                experts: Optional[Dict[str, Tuple[nn.Module, nn.Module]]] = None) -> None:
     """The checkpoint's headers against what the model would allocate (see ``check_headers``)."""
+    experts = experts or {}
+    targets = _load_targets(model, {**dry, **{path: layer for path, (layer, _) in experts.items()}})
+    targets.update(checkpoint_targets(model, targets, tensors, experts))
     try:
-        check_headers(_load_targets(model, dry), tensors)
+        check_headers(targets, tensors)
     except CheckpointError as err:
         raise CheckpointError(f"{weights}: {err}\nNothing was allocated and the model was left unchanged.") from None
 
@@ -681,6 +701,8 @@ def _layer_targets(layers: Dict[str, nn.Module]) -> Dict[str, LoadTarget]:
     """Checkpoint name -> parameter, for the new layers (a Conv1D's weight arrives transposed)."""
     targets: Dict[str, LoadTarget] = {}
     for path, layer in layers.items():
+        if isinstance(layer, FusedMoE):  # its targets follow the checkpoint's names (checkpoint_targets)
+            continue
         for name, param in layer.named_parameters():
             transform = (lambda t: t.t()) if (layer.checkpoint_transposed and name == "weight") else None
             targets[f"{path}.{name}"] = LoadTarget(param, transform=transform, owner=path)

@@ -105,8 +105,13 @@ def _plain_float(t: torch.Tensor) -> bool:
     return t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _stacked_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
-    copy_into(param.data, loaded)
+def _stacked_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+    """The whole stack, or with ``shard_id = (expert, first row)`` one expert's rows of it."""
+    if shard_id is None:
+        copy_into(param.data, loaded)
+    else:
+        expert, row = shard_id
+        copy_into(param.data[expert, row:row + loaded.shape[0]], loaded)
 
 
 class FusedMoE(nn.Module):

@@ -31,6 +31,7 @@ class LoadTarget:
     required: bool = True
     owner: str = ""
     finite: bool = True
+    numel: Optional[int] = None  # elements it fills, when that is a part of ``param`` (one expert's rows)
 
 
 def load_weights(targets: Dict[str, LoadTarget], weights: Iterable[Tuple[str, torch.Tensor]]) -> int:
@@ -60,9 +61,12 @@ def load_weights(targets: Dict[str, LoadTarget], weights: Iterable[Tuple[str, to
         try:
             if target.transform is not None:
                 tensor = target.transform(tensor)
-            loader = getattr(target.param, "weight_loader", default_weight_loader)
+            loader = getattr(target.param, "weight_loader", None)
             if target.shard_id is None:
-                loader(target.param, tensor)
+                (loader or default_weight_loader)(target.param, tensor)
+            elif loader is None:  # one expert's rows of a stacked tensor: shard_id = (expert, first row)
+                expert, row = target.shard_id
+                default_weight_loader(target.param[expert, row:row + tensor.shape[0]], tensor)
             else:
                 loader(target.param, tensor, target.shard_id)
         except (ValueError, TypeError, RuntimeError) as err:
@@ -85,10 +89,11 @@ def check_headers(targets: Dict[str, LoadTarget], headers: Dict[str, Any]) -> No
     too_big, absent = [], []
     for name, target in targets.items():
         info = headers.get(name)
-        if info is not None and target.param.numel() > math.prod(info.shape):
+        fills = target.numel if target.numel is not None else target.param.numel()
+        if info is not None and fills > math.prod(info.shape):
             where = f"{target.owner}: " if target.owner else ""
             too_big.append(f"{where}tensor {name!r}: expected shape {tuple(target.param.shape)}, found {tuple(info.shape)} "
-                           f"(the model would allocate {target.param.numel()} elements, the checkpoint holds {math.prod(info.shape)})")
+                           f"(the model would allocate {fills} elements, the checkpoint holds {math.prod(info.shape)})")
         elif info is None and target.required and target.owner not in prefixes \
                 and not _alias_loaded(name, target, targets, present):
             absent.append(name)

@@ -1,0 +1,175 @@
+"""A checkpoint's names for a transformers model's tensors, by transformers' own conversion rules.
+
+transformers 5 renames some checkpoint keys as it loads them (Mixtral's ``block_sparse_moe`` is
+the model's ``mlp``, PhiMoE's ``gate`` its ``router``) and merges per-expert tensors
+(``experts.3.w1.weight``, ``experts.3.gate_proj.weight``) into stacked experts
+(``experts.gate_up_proj``, gate rows first). ``get_model_conversion_mapping`` gives those rules
+for any model instance, so nothing here names a model: the rules become extra load targets, one
+per checkpoint name, pointing at the tensor (or, for an expert, the rows of the stacked tensor)
+it fills.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from pymllm_fx.loading.loader import LoadTarget
+from pymllm_fx.loading.safetensors_io import CheckpointError
+
+_EXPERT = re.compile(r"experts\.(\d+)\.")
+_STACKED = {"gate_up_proj": "w13_weight", "up_proj": "w13_weight", "down_proj": "w2_weight",
+            "gate_up_proj_bias": "w13_bias", "up_proj_bias": "w13_bias", "down_proj_bias": "w2_bias"}
+
+
+def _rules(model: nn.Module):
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers before 5: checkpoints carry the model's own names
+        return None
+    try:
+        rules = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # noqa: BLE001  (a model transformers has no rules for)
+        return None
+    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    return rename_source_key, renamings, converters
+
+
+def model_names(model: nn.Module, names: Iterable[str]) -> List[str]:
+    """The names transformers would load ``names`` under in ``model`` (a per-expert tensor: the
+    stacked tensor it merges into)."""
+    rules = _rules(model)
+    if rules is None:
+        return list(names)
+    rename, renamings, converters = rules
+    return [rename(name, renamings, converters)[0] for name in names]
+
+
+def checkpoint_targets(model: nn.Module, targets: Dict[str, LoadTarget], names: Iterable[str],
+                       experts: Dict[str, Tuple[nn.Module, nn.Module]]) -> Dict[str, LoadTarget]:
+    """Targets under the checkpoint's own ``names``: an alias of the model's target for every name
+    transformers renames onto one, and for ``experts`` (path -> (FusedMoE layer, the transformers
+    experts module it replaces)) a target for each per-expert or stacked tensor, plus one required
+    target per expert and projection, so that a missing expert is reported by name."""
+    rules = _rules(model)
+    out: Dict[str, LoadTarget] = {}
+    stacked_names, unstacked = set(), set()
+    for name in names:
+        if name in targets:
+            continue
+        if rules is None:
+            new, source = name, None
+        else:
+            rename, renamings, converters = rules
+            new, source = rename(name, renamings, converters)
+        path, _, leaf = new.rpartition(".")
+        converter = None if source is None else next(
+            c for c in rules[2] if source in getattr(c, "_original_source_patterns", ()))
+        if path in experts and leaf in _STACKED:
+            layer, module = experts[path]
+            out[name] = _expert_target(name, path, leaf, layer, module, source, converter)
+            if out[name].shard_id is None:
+                stacked_names.add((path, _STACKED[leaf]))
+        elif converter is not None and new in targets:  # experts left float: their own stacked tensor
+            out[name] = _float_expert_target(name, new, targets, source, converter)
+            unstacked.add(new)
+        elif new != name and new in targets:
+            out[name] = targets[new]
+    for new in unstacked:  # required expert by expert instead of as the whole stack
+        whole = targets[new]
+        targets[new] = LoadTarget(whole.param, whole.shard_id, whole.transform, False, whole.owner, whole.finite)
+        param, sources = whole.param, _sources_of(new, rules)
+        rows = param.shape[1] // len(sources)
+        for expert in range(param.shape[0]):
+            for i, role in enumerate(sources):
+                out[f"{new} (expert {expert}, {role})"] = LoadTarget(param, shard_id=(expert, i * rows), owner=whole.owner)
+    for path, (layer, module) in experts.items():
+        for param_name, roles in _required_roles(layer, module).items():
+            if (path, param_name) in stacked_names or getattr(layer, param_name, None) is None:
+                continue
+            for expert in range(layer.num_experts):
+                for role, offset in roles:
+                    out[f"{path}.experts.{expert}.{role} (stacked into {param_name})"] = LoadTarget(
+                        getattr(layer, param_name), shard_id=(expert, offset), owner=path)
+    return out
+
+
+def _sources_of(stacked: str, rules) -> List[str]:
+    """The per-expert source patterns transformers merges into the stacked tensor ``stacked``."""
+    for converter in rules[2]:
+        targets = getattr(converter, "_original_target_patterns", ())
+        if any(stacked.endswith(t.lstrip(".*")) for t in targets):
+            return list(converter._original_source_patterns)
+    return ["weight"]
+
+
+def _float_expert_target(name: str, new: str, targets: Dict[str, LoadTarget], source: str, converter) -> LoadTarget:
+    """One expert's projection into the stacked float tensor of an experts module that stays float."""
+    ops = [type(op).__name__ for op in converter.operations]
+    whole = targets[new]
+    if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]):
+        raise CheckpointError(f"{name}: transformers merges it into {new} by {' + '.join(ops)}, which pymllm_fx "
+                              f"does not convert; load the model with transformers and call quantize(model, method)")
+    found = _EXPERT.search(name)
+    sources = list(converter._original_source_patterns)
+    param = whole.param
+    if found is None or int(found.group(1)) >= param.shape[0]:
+        raise CheckpointError(f"{name}: no expert {found.group(1) if found else '?'} in {new} ({param.shape[0]} experts)")
+    rows = param.shape[1] // len(sources)
+    return LoadTarget(param, shard_id=(int(found.group(1)), sources.index(source) * rows), owner=whole.owner,
+                      numel=param[0].numel() // len(sources))
+
+
+def _required_roles(layer, module) -> Dict[str, List[Tuple[str, int]]]:
+    part = layer.intermediate_size_per_partition
+    w13 = [("gate", 0), ("up", part)] if layer.has_gate else [("up", 0)]
+    return {"w13_weight": w13, "w2_weight": [("down", 0)]}
+
+
+def _expert_target(name: str, path: str, leaf: str, layer, module, source: Optional[str], converter) -> LoadTarget:
+    """One checkpoint tensor of an experts module: a stacked tensor (the module's own layout) or one
+    expert's projection (an ``nn.Linear`` weight, ``(out, in)``), cut to this rank's share."""
+    param = getattr(layer, _STACKED[leaf], None)
+    if param is None:
+        raise CheckpointError(f"{name}: {path} has no {leaf} (its module declares none)")
+    rank, size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
+    if source is None:  # the whole stack, as the module stores it
+        def whole(t: torch.Tensor) -> torch.Tensor:
+            from pymllm_fx.layers.fused_moe import _rank_rows
+
+            if leaf.endswith("_bias"):
+                return t if leaf.startswith("down") else _rank_rows(module, t, rank, size)
+            t = t.transpose(1, 2) if module.is_transposed else t
+            if leaf == "down_proj":
+                return t.chunk(size, dim=2)[rank] if size > 1 else t
+            return _rank_rows(module, t, rank, size)
+
+        return LoadTarget(param, transform=whole, owner=path)
+    ops = [type(op).__name__ for op in converter.operations]
+    sources = list(converter._original_source_patterns)
+    if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or leaf.endswith("_bias") or \
+            module.is_transposed or (len(sources) == 2 and not getattr(module, "is_concatenated", True)):
+        raise CheckpointError(
+            f"{name}: transformers merges it into {path}.{leaf} by {' + '.join(ops)}, a layout pymllm_fx does not "
+            f"convert per expert yet; load the model with transformers and call quantize(model, method)")
+    found = _EXPERT.search(name)
+    if found is None:
+        raise CheckpointError(f"{name}: a per-expert tensor of {path} without an expert index")
+    expert = int(found.group(1))
+    if expert >= layer.num_experts:
+        raise CheckpointError(f"{name}: expert {expert}, but {path} holds {layer.num_experts} experts")
+    role = sources.index(source)
+    offset = role * layer.intermediate_size_per_partition
+    if leaf == "down_proj":
+        def cut(t: torch.Tensor) -> torch.Tensor:  # (hidden, intermediate): this rank's columns
+            return t.chunk(size, dim=1)[rank] if size > 1 else t
+    else:
+        def cut(t: torch.Tensor) -> torch.Tensor:  # (intermediate, hidden): this rank's rows
+            return t.chunk(size, dim=0)[rank] if size > 1 else t
+    return LoadTarget(param, shard_id=(expert, offset), transform=cut, owner=path,
+                      numel=param[0].numel() // len(sources))

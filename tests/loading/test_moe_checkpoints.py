@@ -1,0 +1,83 @@
+"""Float MoE checkpoints as transformers writes them (per-expert tensors, renamed modules, or the
+stacked tensors themselves) load through from_pretrained, experts quantized as they stream in."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pymllm_fx
+from pymllm_fx.layers.fused_moe import FusedMoE
+from pymllm_fx.loading import CheckpointError
+from checks import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, tie_word_embeddings=False)
+CONFIGS = {  # per-expert w1/w2/w3 under block_sparse_moe; gate_proj/up_proj/down_proj; stacked, transposed
+    "mixtral": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(moe_intermediate_size=32, intermediate_size=128, num_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, layer_types=None),
+}
+
+
+def saved(arch: str, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(arch, **COMMON, **CONFIGS[arch])
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / arch)
+    return model, tmp_path / arch
+
+
+def ids():
+    return torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_float_moe_checkpoint_loads_with_experts_quantized(arch, method, tmp_path):
+    model, path = saved(arch, tmp_path)
+    names = list(load_file(path / "model.safetensors"))
+    if arch != "gpt_oss":
+        assert any(".experts.0." in n for n in names), "transformers wrote the experts per expert"
+    loaded = quiet(pymllm_fx.from_pretrained, path, method=method, device="cpu", progress=False)
+    assert sum(isinstance(m, FusedMoE) for m in loaded.modules()) == 2
+    expected = quiet(pymllm_fx.quantize, model, method, progress=False)
+    with torch.no_grad():
+        assert rel_err(loaded(ids()).logits, expected(ids()).logits) <= 1e-5
+
+
+def test_experts_left_float_load_expert_by_expert(tmp_path):
+    model, path = saved("mixtral", tmp_path)
+    loaded = quiet(pymllm_fx.from_pretrained, path, method="int8", device="cpu", progress=False,
+                   skip=["lm_head", "*.experts"])
+    assert not any(isinstance(m, FusedMoE) for m in loaded.modules())
+    assert torch.equal(loaded.model.layers[1].mlp.experts.gate_up_proj, model.model.layers[1].mlp.experts.gate_up_proj)
+    assert torch.equal(loaded.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj)
+
+
+@pytest.mark.parametrize("skip", [("lm_head",), ("lm_head", "*.experts")], ids=["quantized", "float"])
+def test_a_missing_expert_is_named(skip, tmp_path):
+    _, path = saved("mixtral", tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"experts.*2.*up|w3"):
+        quiet(pymllm_fx.from_pretrained, path, method="int4", device="cpu", progress=False, skip=list(skip))
+
+
+def test_explain_checkpoint_reads_a_float_moe_checkpoint(tmp_path):
+    _, path = saved("qwen3_moe", tmp_path)
+    report = quiet(pymllm_fx.explain_checkpoint, path, method="int4", file=None)
+    assert report.rows
