@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import re
@@ -173,13 +174,13 @@ def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_metho
     for path, found in owners.items():
         module = model.get_submodule(path)
         why = experts_contract(module)
-        if why is None:
-            why = _pattern_reason(path, skip, found[0])
+        if why is None:  # the site as a swappable one: a skip predicate judges the module, not the graph's note
+            why = _pattern_reason(path, skip, dataclasses.replace(found[0], swappable=True, reason=""))
         if why is None and make_method is None:
             why = f"{_name(quant_method)} has no grouped kernel for experts (int8, int4 and fp8 do)"
         if why is None and tp.size > 1:
             why = tensor_parallel_problem(module, tp.size)
-        if why is None and weights is not None and getattr(quant_method, "prequantized", False):
+        if why is None and weights is not None and getattr(quant_method, "prequantized", False) and make_method is None:
             raise NotImplementedError(
                 f"{path}: this checkpoint's experts are stored quantized ({_name(quant_method)}), which pymllm_fx does "
                 f"not load yet; load the float model and call quantize(model, 'int4' | 'int8' | 'fp8') instead")

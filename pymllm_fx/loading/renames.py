@@ -68,13 +68,22 @@ def checkpoint_targets(model: nn.Module, targets: Dict[str, LoadTarget], names: 
             rename, renamings, converters = rules
             new, source = rename(name, renamings, converters)
         path, _, leaf = new.rpartition(".")
+        param_name = _STACKED.get(leaf)
+        stem, _, suffix = name.rpartition(".")
+        if rules is not None and source is None and suffix != "weight" and (path not in experts or not param_name):
+            # a quantized projection (experts.3.w1.qweight): named as its ".weight" would be
+            base, base_source = rename(f"{stem}.weight", renamings, converters)
+            base_path, _, base_leaf = base.rpartition(".")
+            if base_source is not None and base_path in experts and base_leaf in _STACKED:
+                new, source, path, leaf = base, base_source, base_path, base_leaf
+                param_name = _STACKED[leaf].replace("weight", suffix)
         converter = None if source is None else next(
             c for c in rules[2] if source in getattr(c, "_original_source_patterns", ()))
-        if path in experts and leaf in _STACKED:
+        if path in experts and param_name:
             layer, module = experts[path]
-            out[name] = _expert_target(name, path, leaf, layer, module, source, converter)
+            out[name] = _expert_target(name, path, leaf, param_name, layer, module, source, converter)
             if out[name].shard_id is None:
-                stacked_names.add((path, _STACKED[leaf]))
+                stacked_names.add((path, param_name))
         elif converter is not None and new in targets:  # experts left float: their own stacked tensor
             out[name] = _float_expert_target(name, new, targets, source, converter)
             unstacked.add(new)
@@ -126,17 +135,22 @@ def _float_expert_target(name: str, new: str, targets: Dict[str, LoadTarget], so
 
 
 def _required_roles(layer, module) -> Dict[str, List[Tuple[str, int]]]:
+    """Every stacked tensor of the layer a checkpoint fills expert by expert, with its projections
+    and their first output feature (biases come stacked, or not at all)."""
     part = layer.intermediate_size_per_partition
     w13 = [("gate", 0), ("up", part)] if layer.has_gate else [("up", 0)]
-    return {"w13_weight": w13, "w2_weight": [("down", 0)]}
+    return {name: (w13 if name.startswith("w13_") else [("down", 0)])
+            for name, _ in layer.named_parameters(recurse=False) if not name.endswith("_bias")}
 
 
-def _expert_target(name: str, path: str, leaf: str, layer, module, source: Optional[str], converter) -> LoadTarget:
+def _expert_target(name: str, path: str, leaf: str, param_name: str, layer, module, source: Optional[str],
+                   converter) -> LoadTarget:
     """One checkpoint tensor of an experts module: a stacked tensor (the module's own layout) or one
-    expert's projection (an ``nn.Linear`` weight, ``(out, in)``), cut to this rank's share."""
-    param = getattr(layer, _STACKED[leaf], None)
+    expert's projection (an ``nn.Linear`` weight ``(out, in)``, cut to this rank's share, or a
+    quantized projection's tensor, which its parameter's loader places)."""
+    param = getattr(layer, param_name, None)
     if param is None:
-        raise CheckpointError(f"{name}: {path} has no {leaf} (its module declares none)")
+        raise CheckpointError(f"{name}: {path} has no {param_name} for this checkpoint's {leaf}")
     rank, size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
     if source is None:  # the whole stack, as the module stores it
         def whole(t: torch.Tensor) -> torch.Tensor:
@@ -165,6 +179,8 @@ def _expert_target(name: str, path: str, leaf: str, layer, module, source: Optio
         raise CheckpointError(f"{name}: expert {expert}, but {path} holds {layer.num_experts} experts")
     role = sources.index(source)
     offset = role * layer.intermediate_size_per_partition
+    if not param_name.endswith("_weight"):  # a quantized tensor in its checkpoint layout (unsplit)
+        return LoadTarget(param, shard_id=(expert, offset), owner=path, numel=param[0].numel() // len(sources))
     if leaf == "down_proj":
         def cut(t: torch.Tensor) -> torch.Tensor:  # (hidden, intermediate): this rank's columns
             return t.chunk(size, dim=1)[rank] if size > 1 else t

@@ -36,6 +36,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w4a16 import num_groups, pack_int4
+from pymllm_fx.layers.fused_moe import FusedMoEMethodBase
 from pymllm_fx.layers.parameter import (
     default_weight_loader,
     rank_share,
@@ -292,6 +293,9 @@ class GPTQLinearMethod(LinearMethodBase):
             x, layer.qweight, layer.scales, layer.zeros, runtime_group(self.group_size), bias
         )
 
+    def experts_method(self) -> "GPTQMoEMethod":
+        return GPTQMoEMethod(self)
+
     def describe(self, layer: torch.nn.Module) -> str:
         if is_float_layer(layer):
             return "unquantized (a GPTQ dynamic skip rule)"
@@ -363,3 +367,94 @@ def _g_idx_loader(where: str, layer_loader):
 def input_is_split(layer: torch.nn.Module) -> bool:
     """Whether this layer holds one tensor-parallel slice of the inputs (a RowParallelLinear, tp > 1)."""
     return getattr(layer, "input_size", None) != getattr(layer, "input_size_per_partition", None)
+
+
+def _expert_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    """One expert's checkpoint tensor into a stack ``(E, ...)`` in the checkpoint's own layout:
+    ``shard_id = (expert, first output feature)``; the output features run along ``output_dim``
+    (packed ``packed_factor`` to a word when ``packed_dim`` is that dim); no output dim (g_idx):
+    the expert's whole slice."""
+    expert, first = shard_id
+    dim = getattr(param, "output_dim", None)
+    target = param.data[expert]
+    if dim is not None:
+        factor = param.packed_factor if getattr(param, "packed_dim", None) == dim else 1
+        target = target.narrow(dim - 1, first // factor, loaded.shape[dim - 1])
+    default_weight_loader(target, loaded)
+
+
+@dataclass
+class GPTQMoEMethod(FusedMoEMethodBase):
+    """Experts of a 4-bit GPTQ checkpoint (each expert's ``w1``/``w3``/``w2`` or
+    ``gate_proj``/``up_proj``/``down_proj`` stored as a GPTQ linear), stacked as stored and
+    turned into the int4 experts layout after loading; they then run as ``Int4MoEMethod``'s."""
+
+    linear: GPTQLinearMethod
+
+    name = "gptq"
+    prequantized = True
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs: Any) -> None:
+        where = getattr(layer, "prefix", "") or "experts"
+        cfg = self.linear
+        if cfg.bits != 4 or cfg.desc_act or getattr(layer, "tp_size", 1) > 1:
+            raise NotImplementedError(
+                f"{where}: GPTQ experts load only as 4-bit, without act-order, unsplit (this checkpoint: "
+                f"bits={cfg.bits}, desc_act={cfg.desc_act}, tp_size={getattr(layer, 'tp_size', 1)}); load the float "
+                f"model and call quantize(model, 'int4') instead")
+        rows = (2 if layer.has_gate else 1) * intermediate_size_per_partition
+        for which, k, n in (("w13", hidden_size, rows), ("w2", intermediate_size_per_partition, hidden_size)):
+            if k % 8 or n % 8:
+                raise ValueError(f"{where}: gptq packs 8 values per int32 along inputs and outputs, but {which} is "
+                                 f"[out={n}, in={k}]; load the float model and call quantize(model, 'int8')")
+            groups = num_groups(k, checkpoint_group(cfg.group_size, k))
+            attrs = {"weight_loader": _expert_loader}
+            register_param(layer, f"{which}_qweight", torch.empty(num_experts, k // 8, n, dtype=torch.int32),
+                           dict(output_dim=2, packed_dim=1, packed_factor=8), attrs)
+            register_param(layer, f"{which}_qzeros", torch.empty(num_experts, groups, n // 8, dtype=torch.int32),
+                           dict(output_dim=2, packed_dim=2, packed_factor=8), attrs)
+            register_param(layer, f"{which}_scales", torch.empty(num_experts, groups, n, dtype=params_dtype),
+                           dict(output_dim=2), attrs)
+            register_param(layer, f"{which}_g_idx", torch.full((num_experts, k), -1, dtype=torch.int32), {}, attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        where = getattr(layer, "prefix", "") or "experts"
+        cfg = self.linear
+        runtime = {}
+        for which in ("w13", "w2"):
+            qweight, scales = getattr(layer, which + "_qweight").data, getattr(layer, which + "_scales").data
+            experts, k = qweight.shape[0], qweight.shape[1] * 8
+            group = checkpoint_group(cfg.group_size, k)
+            g_idx = getattr(layer, which + "_g_idx").data
+            if not torch.equal(g_idx.long(), (torch.arange(k, device=g_idx.device) // group).expand_as(g_idx)):
+                raise ValueError(f"{where}: a {which} g_idx does not number the {k} inputs in groups of {group}; "
+                                 f"check group_size={cfg.group_size} against the checkpoint")
+            if not torch.isfinite(scales).all():
+                raise ValueError(f"{where}: tensor '{which}_scales' holds NaN or Inf; the checkpoint is corrupt")
+            check_dequantized_range(where, scales, 15, getattr(layer, "params_dtype", scales.dtype))
+            qzeros = getattr(layer, which + "_qzeros").data
+            if cfg.checkpoint_format == "gptq":
+                words = (qzeros.long() + V1_ZERO_OFFSET[4]) & 0xFFFFFFFF
+                qzeros = (words - ((words >> 31) << 32)).to(torch.int32)
+            zeros = torch.stack([unpack_cols(z, 4) for z in qzeros])  # (E, G, N)
+            if cfg.sym and not bool((zeros == 8).all()):
+                raise ValueError(f"{where}: sym=true, but {which} qzeros decode to zero points other than 8 (as "
+                                 f"checkpoint_format={cfg.checkpoint_format!r})")
+            runtime[which + "_qweight"] = qweight.transpose(1, 2).contiguous()  # (E, N, K/8): packed along K
+            runtime[which + "_scales"] = scales.transpose(1, 2).contiguous()
+            runtime[which + "_zeros"] = None if cfg.sym else zeros.transpose(1, 2).to(scales.dtype).contiguous()
+        names = tuple(f"{w}_{t}" for w in ("w13", "w2") for t in ("qweight", "qzeros", "scales", "g_idx"))
+        replace_parameters(layer, names, runtime)
+
+    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
+        from pymllm_fx.methods.int4 import Int4MoEMethod
+
+        group = self.linear.group_size
+        if group == -1:  # one group a row: a group as long as the longer of the two inputs
+            group = max(layer.hidden_size, layer.intermediate_size_per_partition)
+        return Int4MoEMethod.apply(Int4MoEMethod(group, self.linear.sym), layer, x, topk_ids, topk_weights)
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        group = "per-channel" if self.linear.group_size == -1 else f"g{self.linear.group_size}"
+        return f"GPTQ W4A16 {group} {'sym' if self.linear.sym else 'asym'}, {layer.num_experts} experts"

@@ -81,3 +81,64 @@ def test_explain_checkpoint_reads_a_float_moe_checkpoint(tmp_path):
     _, path = saved("qwen3_moe", tmp_path)
     report = quiet(pymllm_fx.explain_checkpoint, path, method="int4", file=None)
     assert report.rows
+
+
+def gptq_expert_checkpoint(tmp_path, group: int = 32):
+    """A GPTQ Mixtral as GPTQModel lays it out: attention in GPTQ (written by save_quantized), and each
+    expert's w1 / w3 / w2 a GPTQ linear (qweight packed along K, qzeros v1 along N, scales, g_idx),
+    built here from the documented layout; the router stays float."""
+    from pymllm_fx.kernels.w4a16 import pack_words
+    from pymllm_fx.methods.int4 import quantize_int4
+
+    model, _ = saved("mixtral", tmp_path)
+    method = {"quant_method": "int4", "group_size": group, "sym": True}
+    dense = quiet(pymllm_fx.quantize, copy_of(model), method, progress=False, skip=["lm_head", "*.experts"])
+    out = tmp_path / "gptq"
+    pymllm_fx.save_quantized(dense, out, "gptq", progress=False)
+    tensors = load_file(out / "model.safetensors")
+    for layer in range(2):
+        stacked = [k for k in tensors if k.startswith(f"model.layers.{layer}.") and "experts" in k]
+        for key in stacked:
+            del tensors[key]
+        experts = model.model.layers[layer].mlp.experts
+        inter = experts.down_proj.shape[2]
+        for e in range(experts.gate_up_proj.shape[0]):
+            weights = {"w1": experts.gate_up_proj[e, :inter], "w3": experts.gate_up_proj[e, inter:],
+                       "w2": experts.down_proj[e]}
+            for proj, w in weights.items():
+                codes, scales, _ = quantize_int4(w.detach(), group, True)
+                n, k = w.shape
+                prefix = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}"
+                tensors[f"{prefix}.qweight"] = pack_words(codes.to(torch.int32), 4).t().contiguous()
+                tensors[f"{prefix}.qzeros"] = pack_words(torch.full((k // group, n), 7, dtype=torch.int32), 4)
+                tensors[f"{prefix}.scales"] = scales.t().contiguous()
+                tensors[f"{prefix}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return model, out
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_gptq_moe_checkpoint_loads_its_experts(tmp_path):
+    model, path = gptq_expert_checkpoint(tmp_path)
+    loaded = quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+    layers = [m for m in loaded.modules() if isinstance(m, FusedMoE)]
+    assert len(layers) == 2 and all(m.quant_method.name == "gptq" for m in layers)
+    expected = quiet(pymllm_fx.quantize, model, {"quant_method": "int4", "group_size": 32, "sym": True},
+                     progress=False)
+    with torch.no_grad():
+        assert rel_err(loaded(ids()).logits, expected(ids()).logits) <= 1e-5
+    assert "GPTQ W4A16 g32 sym, 4 experts" in str(pymllm_fx.explain(loaded, file=None))
+
+
+def test_gptq_moe_checkpoint_missing_an_expert_tensor_is_named(tmp_path):
+    _, path = gptq_expert_checkpoint(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.0.block_sparse_moe.experts.1.w2.scales"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"experts\.1\.down"):
+        quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
