@@ -83,7 +83,7 @@ def test_explain_checkpoint_reads_a_float_moe_checkpoint(tmp_path):
     assert report.rows
 
 
-def gptq_expert_checkpoint(tmp_path, group: int = 32):
+def gptq_expert_checkpoint(tmp_path, group: int = 32, sym: bool = True):
     """A GPTQ Mixtral as GPTQModel lays it out: attention in GPTQ (written by save_quantized), and each
     expert's w1 / w3 / w2 a GPTQ linear (qweight packed along K, qzeros v1 along N, scales, g_idx),
     built here from the documented layout; the router stays float."""
@@ -91,7 +91,7 @@ def gptq_expert_checkpoint(tmp_path, group: int = 32):
     from pymllm_fx.methods.int4 import quantize_int4
 
     model, _ = saved("mixtral", tmp_path)
-    method = {"quant_method": "int4", "group_size": group, "sym": True}
+    method = {"quant_method": "int4", "group_size": group, "sym": sym}
     dense = quiet(pymllm_fx.quantize, copy_of(model), method, progress=False, skip=["lm_head", "*.experts"])
     out = tmp_path / "gptq"
     pymllm_fx.save_quantized(dense, out, "gptq", progress=False)
@@ -106,11 +106,13 @@ def gptq_expert_checkpoint(tmp_path, group: int = 32):
             weights = {"w1": experts.gate_up_proj[e, :inter], "w3": experts.gate_up_proj[e, inter:],
                        "w2": experts.down_proj[e]}
             for proj, w in weights.items():
-                codes, scales, _ = quantize_int4(w.detach(), group, True)
+                codes, scales, zeros = quantize_int4(w.detach(), group, sym)
                 n, k = w.shape
                 prefix = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}"
                 tensors[f"{prefix}.qweight"] = pack_words(codes.to(torch.int32), 4).t().contiguous()
-                tensors[f"{prefix}.qzeros"] = pack_words(torch.full((k // group, n), 7, dtype=torch.int32), 4)
+                # sym: v1 ("gptq"), zero points minus one; asym: v2, as they are (as save_quantized writes)
+                stored = torch.full((n, k // group), 7) if sym else zeros.to(torch.int32)
+                tensors[f"{prefix}.qzeros"] = pack_words(stored.t().to(torch.int32), 4)
                 tensors[f"{prefix}.scales"] = scales.t().contiguous()
                 tensors[f"{prefix}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
@@ -123,16 +125,18 @@ def copy_of(model):
     return copy.deepcopy(model)
 
 
-def test_gptq_moe_checkpoint_loads_its_experts(tmp_path):
-    model, path = gptq_expert_checkpoint(tmp_path)
+@pytest.mark.parametrize("sym", [True, False], ids=["sym-v1", "asym-v2"])
+def test_gptq_moe_checkpoint_loads_its_experts(tmp_path, sym):
+    model, path = gptq_expert_checkpoint(tmp_path, sym=sym)
     loaded = quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
     layers = [m for m in loaded.modules() if isinstance(m, FusedMoE)]
     assert len(layers) == 2 and all(m.quant_method.name == "gptq" for m in layers)
-    expected = quiet(pymllm_fx.quantize, model, {"quant_method": "int4", "group_size": 32, "sym": True},
+    expected = quiet(pymllm_fx.quantize, model, {"quant_method": "int4", "group_size": 32, "sym": sym},
                      progress=False)
     with torch.no_grad():
         assert rel_err(loaded(ids()).logits, expected(ids()).logits) <= 1e-5
-    assert "GPTQ W4A16 g32 sym, 4 experts" in str(pymllm_fx.explain(loaded, file=None))
+    kind = "sym" if sym else "asym"
+    assert f"GPTQ W4A16 g32 {kind}, 4 experts" in str(pymllm_fx.explain(loaded, file=None))
 
 
 def test_gptq_moe_checkpoint_missing_an_expert_tensor_is_named(tmp_path):
