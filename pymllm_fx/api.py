@@ -139,10 +139,9 @@ def quantize(
         layers = {site.path: build(site) for site in plan}
         experts = {path: (_build_experts(path, m, quant_method.experts_method(), device, tp), m)
                    for path, m in expert_plan.items()}
-        _load_checkpoint(model, layers, weights, progress, device, experts)
+        _load_checkpoint(model, layers, weights, progress, device, experts)  # processes the experts too
         expert_layers = {}
         for path, (layer, module) in experts.items():
-            layer.quant_method.process_weights_after_loading(layer)
             layer.adopt(module)
             expert_layers[path] = layer
     for layer in layers.values():
@@ -410,10 +409,23 @@ def explain_checkpoint(
     model, quant_method, skip, tensors = _open_checkpoint(path, method, None, skip)
     sites = find_linears(model)
     dry = {site.path: _build_layer(site, quant_method, "meta") for site in sites if skip_reason(site, skip) is None}
-    _check_fits(model, dry, tensors, path)
+    expert_plan, _ = _plan_experts(model, [s for s in sites if s.param], quant_method, skip, TensorParallel(), path,
+                                   strict=False)
+    experts = {p: (_build_experts(p, m, quant_method.experts_method(), "meta"), m) for p, m in expert_plan.items()}
+    _check_fits(model, dry, tensors, path, experts)
     report = Explanation()
     named = dict(model.named_parameters(remove_duplicate=False))
+    for expert_path, (layer, module) in experts.items():
+        num, hidden, inter = expert_shape(module)
+        rows = (2 if module.has_gate else 1) * inter
+        report.rows.append(LayerRow(
+            expert_path, _name(quant_method), layer.quant_method.describe(layer),
+            f"{num} x ({rows} x {hidden} + {hidden} x {inter})", layer.float_bytes(),
+            _calibrated_expert_bytes(expert_path, module, quant_method) if not getattr(quant_method, "prequantized", False)
+            else sum(p.numel() * p.element_size() for p in layer.parameters())))  # stacked as stored
     for site in sites:
+        if site.param and site.path in experts:
+            continue
         float_bytes = (site.in_features + site.bias) * site.out_features * site.dtype.itemsize
         if site.param:  # a matmul weight outside nn.Linear (fused experts, XLNet's q/k/v)
             weight = named[site.param]
@@ -440,6 +452,20 @@ def explain_checkpoint(
     if file is not None:
         print(report.table(), file=file)
     return report
+
+
+def _calibrated_expert_bytes(path: str, module: nn.Module, quant_method) -> int:
+    """Bytes the method holds for an experts module once calibrated, from one real expert (each
+    expert stores the same)."""
+    num, hidden, inter = expert_shape(module)
+    with torch.device("cpu"):
+        layer = FusedMoE(1, hidden, inter, quant_method=quant_method.experts_method(), params_dtype=module.down_proj.dtype,
+                         has_gate=module.has_gate, has_bias=module.has_bias, prefix=path)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_() if param.dtype.is_floating_point else param.zero_()
+    layer.quant_method.process_weights_after_loading(layer)
+    return num * sum(t.numel() * t.element_size() for t in layer.parameters())
 
 
 def _calibrated_bytes(site: LinearSite, quant_method, rows: int = 16) -> int:
@@ -671,7 +697,7 @@ def _load_checkpoint(
     except CheckpointError as err:
         raise CheckpointError(f"{weights}: {err}\nThe model was left unchanged.") from None
     filled = {id(targets[name].param) for name in seen if name in targets}
-    for layer in layers.values():
+    for layer in [*layers.values(), *(layer for layer, _ in experts.values())]:  # before the model changes
         layer.quant_method.process_weights_after_loading(layer)
     new_params: Dict[int, torch.Tensor] = {}
     with torch.no_grad():

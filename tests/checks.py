@@ -28,3 +28,22 @@ def build_layer(method, k: int, n: int, tensors: dict, bias=None, dtype=torch.fl
     if bias is not None:
         layer.bias.weight_loader(layer.bias, bias)
     return layer
+
+
+def spawn_ranks(worker, world: int, *args) -> None:
+    """Run ``worker(rank, world, port, *args, errors)`` in ``world`` spawned processes (gloo tests) and
+    fail with every rank's traceback that the workers put on ``errors``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    mp.start_processes(worker, args=(world, port, *args, errors), nprocs=world, join=True, start_method="spawn")
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems, "\n".join(problems)

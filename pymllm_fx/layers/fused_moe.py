@@ -236,7 +236,7 @@ def run_experts(layer: FusedMoE, x: torch.Tensor, topk_ids: torch.Tensor, topk_w
         out = norm(out)
     if not weights_inside:
         out = out * topk_weights.reshape(-1, 1).to(out.dtype)
-    return out.view(tokens, k, -1).float().sum(dim=1).to(x.dtype)
+    return out.view(tokens, k, out.shape[-1]).float().sum(dim=1).to(x.dtype)
 
 
 def own_expert_tensors(experts: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> Dict[str, torch.Tensor]:
@@ -295,3 +295,31 @@ def expert_chunks(num_experts: int, rows: int, cols: int, budget: int = 1 << 26)
     that calibrating a large MoE layer needs a bounded float32 scratch."""
     step = max(1, budget // max(rows * cols, 1))
     return [slice(i, min(i + step, num_experts)) for i in range(0, num_experts, step)]
+
+
+def quantize_experts_8bit(layer: nn.Module, quantize_rows) -> None:
+    """Replace ``w13_weight`` / ``w2_weight`` by 8-bit codes ``(E, N, K)`` and float32 scales ``(E, N)``,
+    ``quantize_rows`` mapping ``(rows, K)`` float to (codes, per-row scales): int8 and fp8 experts."""
+    from pymllm_fx.layers.parameter import replace_parameters
+    from pymllm_fx.methods.common import check_finite
+
+    for which in ("w13", "w2"):
+        weight = getattr(layer, which + "_weight").data
+        check_finite(getattr(layer, "prefix", "") or "experts", which + "_weight", weight)
+        experts, n, k = weight.shape
+        codes, scales = [], []
+        for part in expert_chunks(experts, n, k):
+            q, s = quantize_rows(weight[part].reshape(-1, k))
+            codes.append(q.view(-1, n, k))
+            scales.append(s.float().view(-1, n))
+        replace_parameters(layer, (which + "_weight",), {which + "_qweight": torch.cat(codes),
+                                                         which + "_scales": torch.cat(scales)})
+
+
+def run_8bit_experts(layer: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """int8 / e4m3 experts with per-row float32 scales, through ``moe_w8``."""
+    def gemm(inputs, which, ids, weights):
+        return torch.ops.pymllm_fx.moe_w8(inputs, getattr(layer, which + "_qweight"),
+                                          getattr(layer, which + "_scales"), 0, 0, ids, weights)
+
+    return run_experts(layer, x, topk_ids, topk_weights, gemm)

@@ -94,16 +94,22 @@ def checkpoint_targets(model: nn.Module, targets: Dict[str, LoadTarget], names: 
         targets[new] = LoadTarget(whole.param, whole.shard_id, whole.transform, False, whole.owner, whole.finite)
         param, sources = whole.param, _sources_of(new, rules)
         rows = param.shape[1] // len(sources)
+        stack, _, leaf = new.rpartition(".")
         for expert in range(param.shape[0]):
             for i, role in enumerate(sources):
-                out[f"{new} (expert {expert}, {role})"] = LoadTarget(param, shard_id=(expert, i * rows), owner=whole.owner)
+                short = role.rpartition("*.")[2].removesuffix(".weight")  # ".experts.*.w3.weight" -> "w3"
+                out[f"{stack}.{expert}.{short} (stacked into {leaf})"] = LoadTarget(
+                    param, shard_id=(expert, i * rows), owner=whole.owner)
     for path, (layer, module) in experts.items():
+        for bias in ("w13_bias", "w2_bias"):  # stacked in every checkpoint that has them: required whole
+            if getattr(layer, bias, None) is not None:
+                out.setdefault(f"{path}.{bias} (the experts' stacked bias)", LoadTarget(getattr(layer, bias), owner=path))
         for param_name, roles in _required_roles(layer, module).items():
             if (path, param_name) in stacked_names or getattr(layer, param_name, None) is None:
                 continue
             for expert in range(layer.num_experts):
                 for role, offset in roles:
-                    out[f"{path}.experts.{expert}.{role} (stacked into {param_name})"] = LoadTarget(
+                    out[f"{path}.{expert}.{role} (stacked into {param_name})"] = LoadTarget(
                         getattr(layer, param_name), shard_id=(expert, offset), owner=path)
     return out
 

@@ -15,11 +15,15 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX, quantize_fp8_per_channel
-from pymllm_fx.layers.fused_moe import FusedMoEMethodBase, create_float_experts
+from pymllm_fx.layers.fused_moe import (
+    FusedMoEMethodBase,
+    create_float_experts,
+    quantize_experts_8bit,
+    run_8bit_experts,
+)
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import check_config_keys, check_finite, config_str
-from pymllm_fx.methods.int8 import quantize_experts, run_8bit_experts
 
 WEIGHT_STRATEGIES = ("channel", "tensor")
 _MIN_SCALE = 1e-12  # as quantize_fp8_per_channel: an all-zero weight keeps a finite scale
@@ -105,7 +109,7 @@ class Fp8MoEMethod(FusedMoEMethodBase):
                              extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        quantize_experts(layer, quantize_fp8_per_channel)
+        quantize_experts_8bit(layer, quantize_fp8_per_channel)
 
     def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
         return run_8bit_experts(layer, x, topk_ids, topk_weights)

@@ -11,7 +11,12 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.layers.fused_moe import FusedMoEMethodBase, create_float_experts, expert_chunks, run_experts
+from pymllm_fx.layers.fused_moe import (
+    FusedMoEMethodBase,
+    create_float_experts,
+    quantize_experts_8bit,
+    run_8bit_experts,
+)
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import check_config_keys, check_finite
@@ -67,30 +72,6 @@ class Int8LinearMethod(LinearMethodBase):
         return cls()
 
 
-def quantize_experts(layer: torch.nn.Module, quantize_rows) -> None:
-    """Replace ``w13_weight`` / ``w2_weight`` by 8-bit codes ``(E, N, K)`` and float32 scales ``(E, N)``,
-    ``quantize_rows`` mapping ``(rows, K)`` float to (codes, per-row scales); shared with fp8."""
-    for which in ("w13", "w2"):
-        weight = getattr(layer, which + "_weight").data
-        check_finite(getattr(layer, "prefix", "") or "experts", which + "_weight", weight)
-        experts, n, k = weight.shape
-        codes, scales = [], []
-        for part in expert_chunks(experts, n, k):
-            q, s = quantize_rows(weight[part].reshape(-1, k))
-            codes.append(q.view(-1, n, k))
-            scales.append(s.float().view(-1, n))
-        replace_parameters(layer, (which + "_weight",), {which + "_qweight": torch.cat(codes),
-                                                         which + "_scales": torch.cat(scales)})
-
-
-def run_8bit_experts(layer: torch.nn.Module, x, topk_ids, topk_weights) -> torch.Tensor:
-    def gemm(inputs, which, ids, weights):
-        return torch.ops.pymllm_fx.moe_w8(inputs, getattr(layer, which + "_qweight"),
-                                          getattr(layer, which + "_scales"), 0, 0, ids, weights)
-
-    return run_experts(layer, x, topk_ids, topk_weights, gemm)
-
-
 @dataclass
 class Int8MoEMethod(FusedMoEMethodBase):
     """Experts as per-channel symmetric int8 codes ``(E, N, K)`` with float32 scales ``(E, N)``."""
@@ -103,7 +84,7 @@ class Int8MoEMethod(FusedMoEMethodBase):
                              extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        quantize_experts(layer, quantize_int8)
+        quantize_experts_8bit(layer, quantize_int8)
 
     def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
         return run_8bit_experts(layer, x, topk_ids, topk_weights)

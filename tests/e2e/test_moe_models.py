@@ -25,7 +25,12 @@ def tiny_moe(arch: str):
 
     config, _ = tiny_config(arch)
     seed(arch)
-    return AutoModelForCausalLM.from_config(config).eval(), config
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # fresh expert biases are zeros, which would hide a bias applied wrong
+        for name, param in model.named_parameters():
+            if "experts" in name and name.endswith("_bias"):
+                param.normal_(0, 0.5)
+    return model, config
 
 
 def experts_paths(model) -> list:
@@ -158,3 +163,13 @@ def test_save_quantized_refuses_quantized_experts_and_names_the_way_out(tmp_path
     with pytest.raises(NotImplementedError, match=r"skip=\['lm_head', '\*.experts'\]"):
         pymllm_fx.save_quantized(model, tmp_path / "out", "gptq")
     assert not (tmp_path / "out").exists()
+
+
+def test_no_tokens_gives_an_empty_output():
+    model, _ = tiny_moe("qwen3_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pymllm_fx.quantize(model, "int4", progress=False)
+    layer = next(m for m in model.modules() if isinstance(m, FusedMoE))
+    out = layer(torch.randn(0, layer.hidden_size), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert out.shape == (0, layer.hidden_size)

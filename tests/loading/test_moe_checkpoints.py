@@ -30,6 +30,10 @@ def saved(arch: str, tmp_path):
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(arch, **COMMON, **CONFIGS[arch])
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # fresh biases are zeros, which would hide a bias loaded wrong
+        for name, param in model.named_parameters():
+            if "experts" in name and name.endswith("_bias"):
+                param.normal_(0, 0.5)
     model.save_pretrained(tmp_path / arch)
     return model, tmp_path / arch
 
@@ -73,14 +77,29 @@ def test_a_missing_expert_is_named(skip, tmp_path):
     tensors = load_file(path / "model.safetensors")
     del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"experts.*2.*up|w3"):
+    with pytest.raises(CheckpointError, match=r"experts\.2\.(up|w3)"):
         quiet(pymllm_fx.from_pretrained, path, method="int4", device="cpu", progress=False, skip=list(skip))
 
 
-def test_explain_checkpoint_reads_a_float_moe_checkpoint(tmp_path):
-    _, path = saved("qwen3_moe", tmp_path)
+def test_explain_checkpoint_predicts_the_experts_layers(tmp_path):
+    model, path = saved("qwen3_moe", tmp_path)
     report = quiet(pymllm_fx.explain_checkpoint, path, method="int4", file=None)
-    assert report.rows
+    rows = {r.path: r for r in report.rows if r.path.endswith("mlp.experts")}
+    assert len(rows) == 2 and all(r.method == "int4" for r in rows.values())
+    loaded = quiet(pymllm_fx.from_pretrained, path, method="int4", device="cpu", progress=False)
+    for path_, row in rows.items():
+        layer = loaded.get_submodule(path_)
+        assert row.bytes_after == sum(p.numel() * p.element_size() for p in layer.parameters(recurse=False))
+
+
+def test_missing_expert_biases_are_named(tmp_path):
+    _, path = saved("gpt_oss", tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.0.mlp.experts.down_proj_bias"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    for skip in (["lm_head"], ["lm_head", "*.experts"]):
+        with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.experts\.(w2_bias|down_proj_bias)"):
+            quiet(pymllm_fx.from_pretrained, path, method="int8", device="cpu", progress=False, skip=skip)
 
 
 def gptq_expert_checkpoint(tmp_path, group: int = 32, sym: bool = True):
@@ -146,3 +165,22 @@ def test_gptq_moe_checkpoint_missing_an_expert_tensor_is_named(tmp_path):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"experts\.1\.down"):
         quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+
+
+def test_a_failure_calibrating_experts_leaves_the_model_unchanged(tmp_path, monkeypatch):
+    from pymllm_fx.methods.int8 import Int8MoEMethod
+
+    _, path = saved("mixtral", tmp_path)
+    torch.manual_seed(5)
+    config = transformers.AutoConfig.for_model("mixtral", **COMMON, **CONFIGS["mixtral"])
+    other = transformers.AutoModelForCausalLM.from_config(config).eval()
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+
+    def fail(self, layer):
+        raise RuntimeError("simulated failure while calibrating experts")
+
+    monkeypatch.setattr(Int8MoEMethod, "process_weights_after_loading", fail)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        quiet(pymllm_fx.quantize, other, "int8", weights=path, progress=False)
+    assert not any(isinstance(m, FusedMoE) for m in other.modules())
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

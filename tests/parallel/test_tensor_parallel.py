@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import pymllm_fx
 from pymllm_fx.layers.linear import ColumnParallelLinear, RowParallelLinear
-from checks import rel_err
+from checks import rel_err, spawn_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -112,12 +110,6 @@ def _worker(rank: int, world: int, port: int, expected: dict, checkpoints: dict,
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_logits_match_one_rank(world, tmp_path):
     float_model = build()
@@ -132,11 +124,4 @@ def test_tensor_parallel_logits_match_one_rank(world, tmp_path):
         pymllm_fx.save_quantized(quantized, checkpoints[name], format=fmt, progress=False)
         with torch.no_grad():
             expected[name] = pymllm_fx.from_pretrained(checkpoints[name], device="cpu", progress=False)(ids()).logits
-    context = mp.get_context("spawn")
-    errors = context.SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), expected, checkpoints, errors), nprocs=world, join=True,
-                       start_method="spawn")
-    problems = []
-    while not errors.empty():
-        problems.append(errors.get())
-    assert not problems, "\n".join(problems)
+    spawn_ranks(_worker, world, expected, checkpoints)
