@@ -86,8 +86,11 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "e2e.json"
 # ----------------------------------------------------------------------------------------- model
 
 
-def make_config(layers: Optional[int], tiny: bool):
+def make_config(layers: Optional[int], tiny: bool, model: str = "llama3-8b"):
     from transformers import LlamaConfig
+
+    if model == "qwen3-moe":
+        return qwen3_moe_config(layers, tiny)
 
     if tiny:  # seconds on a CPU; int4-friendly widths (multiples of 128)
         shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -103,14 +106,33 @@ def make_config(layers: Optional[int], tiny: bool):
     )
 
 
+def qwen3_moe_config(layers: Optional[int], tiny: bool):
+    """Qwen3-30B-A3B's shape (48 layers, hidden 2048, 128 experts of intermediate 768, 8 active), or a
+    tiny one for a CPU check."""
+    from transformers import Qwen3MoeConfig
+
+    if tiny:
+        shape = dict(hidden_size=256, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                     vocab_size=1024, intermediate_size=512)
+    else:
+        shape = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                     num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     vocab_size=151936, intermediate_size=6144)
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    return Qwen3MoeConfig(**shape, max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                          initializer_range=0.02, bos_token_id=1, eos_token_id=2)
+
+
 def build_model(config, device: torch.device, seed: int) -> nn.Module:
-    """Random bf16 weights made on ``device`` directly (transformers' init: normal(0, 0.02) linears and
-    embeddings, ones for the norms)."""
-    from transformers import LlamaForCausalLM
+    """Random bf16 weights made on ``device`` directly (transformers' init: normal(0, 0.02) linears,
+    experts and embeddings, ones for the norms)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval().requires_grad_(False)
 
 
@@ -291,7 +313,9 @@ def setup_key(args, config) -> Dict[str, Any]:
         "tp": args.tp,
         "layers": config.num_hidden_layers,
         "hidden": config.hidden_size,
+        "model": config.model_type,
         "intermediate": config.intermediate_size,
+        "experts": getattr(config, "num_experts", None),
         "vocab": config.vocab_size,
         "batch": 1,
         "prompt_len": args.prompt_len,
@@ -479,6 +503,9 @@ def parse_args(argv=None):
                    help="comma-separated phases to run: prefill,gen,lean (default: all)")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (quick runs)")
     p.add_argument("--tiny", action="store_true", help="a tiny config that runs on a CPU in seconds")
+    p.add_argument("--model", default="llama3-8b", choices=("llama3-8b", "qwen3-moe"),
+                   help="the shape: Llama-3-8B (default) or Qwen3-30B-A3B (MoE: bf16 runs transformers' own "
+                        "experts implementation, grouped_mm on CUDA)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--new-tokens", type=int, default=128, help="T, tokens generated per decode run")
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length for decode")
@@ -521,7 +548,7 @@ def main(argv=None) -> int:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
-    config = make_config(args.layers, args.tiny)
+    config = make_config(args.layers, args.tiny, args.model)
     env = env_info(device)
     meta = {"env": env, "config": config.to_dict(), "args": {k: str(v) if isinstance(v, Path) else v
                                                              for k, v in vars(args).items() if k != "group"}}
