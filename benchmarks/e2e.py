@@ -4,7 +4,8 @@ The model is a ``LlamaForCausalLM`` built from a ``LlamaConfig`` with Llama-3-8B
 bf16 weights (transformers' own init: normal, std 0.02), created directly on the device: nothing is
 downloaded. Every method starts from the same weights (same seed).
 
-For each method, at batch 1:
+For each method, at batch 1 (or ``--batch B`` sequences decoded together; tok/s is then per
+sequence, and ``*_batch_tok_s`` counts all B; the prefill timing stays at batch 1):
 
 gen tok/s   ``model.generate(ids, max_new_tokens=T, min_new_tokens=T, do_sample=False,
             cache_implementation="static")``, what users run. On CUDA, transformers compiles the
@@ -250,6 +251,7 @@ def phase_gen(model, prompt, args, device) -> Tuple[Dict[str, Any], torch.Tensor
     decode_s = median(times_T) - median(times_1)
     res = {
         "gen_tok_s": (T - 1) / decode_s if decode_s > 0 else None,
+        "gen_batch_tok_s": prompt.shape[0] * (T - 1) / decode_s if decode_s > 0 else None,
         "gen_decode_ms_per_token": decode_s / (T - 1) * 1e3,
         "gen_total_s_all": times_T,
         "gen_prefill_only_s_all": times_1,
@@ -281,6 +283,7 @@ def phase_lean(model, prompt, args, device) -> Tuple[Dict[str, Any], torch.Tenso
     steps = tokens.shape[1] - 1
     res = {
         "lean_tok_s": steps / median(secs),
+        "lean_batch_tok_s": prompt.shape[0] * steps / median(secs),
         "lean_ms_per_token": median(secs) / steps * 1e3,
         "lean_decode_s_all": secs,
         "lean_first_call_s": first_s,
@@ -317,7 +320,7 @@ def setup_key(args, config) -> Dict[str, Any]:
         "intermediate": config.intermediate_size,
         "experts": getattr(config, "num_experts", None),
         "vocab": config.vocab_size,
-        "batch": 1,
+        "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "prefill_len": args.prefill_len,
@@ -397,7 +400,7 @@ def _run_method(method: str, args, config, device: torch.device, res: Dict[str, 
         free(device)
         return res
 
-    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len),
+    prompt = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
     tokens: Dict[str, torch.Tensor] = {}
     for phase in args.parts:
@@ -509,6 +512,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--new-tokens", type=int, default=128, help="T, tokens generated per decode run")
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length for decode")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (tok/s stays per sequence)")
     p.add_argument("--prefill-len", type=int, default=2048, help="random prompt length for the prefill timing")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (the first compiles)")
     p.add_argument("--reps", type=int, default=3, help="timed decode runs (median)")

@@ -370,12 +370,17 @@ def _magic_codes(q, ASM: tl.constexpr):
 def _w4a16_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_qn, stride_sn,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, TILES: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILES: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """``out (1, N) = x (1, K) @ W.T`` for K a multiple of 64 * TILES and GROUP a multiple of 64.
 
     A step covers TILES tiles (64 * TILES features) of BLOCK_N rows; the threads lie along K and
-    each holds several rows, so the activations it loads serve all of them."""
+    each holds several rows, so the activations it loads serve all of them. With PREFETCH the
+    next step's codes and group parameters are loaded into registers before this step's
+    arithmetic, so the two overlap within a program: without it a program waits for its loads,
+    then computes with none in flight (Triton software-pipelines only loops that feed a
+    ``tl.dot``; asked to with ``tl.range(num_stages=...)`` it staged these loads through shared
+    memory and ran 4-5x slower)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)
     Q: tl.constexpr = TILES * 16
@@ -387,9 +392,22 @@ def _w4a16_gemv_kernel(
     offs_f = tl.arange(0, _TILE)
     odd = (offs_f // _QUARTER % 2 == 1)[None, :]  # quarters 1 and 3 (the 2048 magic)
     acc = tl.zeros((BLOCK_N, TILES), tl.float32)
-    for b in range(0, K // (_TILE * TILES)):
-        k0 = b * _TILE * TILES
-        q = tl.load(q_ptrs + k0 // 4)
+    s_offs = rows[:, None] * stride_sn
+    step: tl.constexpr = _TILE * TILES
+    steps = K // step
+    if PREFETCH:  # only then: made unconditionally, these loads stayed in the compiled kernel unused (1.6x slower)
+        q = tl.load(q_ptrs)
+        s, z = _group_params(s_ptr, z_ptr, s_offs, (offs_t * _TILE // GROUP)[None, :], HAS_ZEROS)
+    for b in range(0, steps):
+        k0 = b * step
+        if PREFETCH:  # the last step reloads itself (an L2 hit) rather than masking every load
+            k_next = tl.minimum(b + 1, steps - 1) * step
+            q_next = tl.load(q_ptrs + k_next // 4)
+            s_next, z_next = _group_params(s_ptr, z_ptr, s_offs, ((k_next + offs_t * _TILE) // GROUP)[None, :],
+                                           HAS_ZEROS)
+        else:
+            q = tl.load(q_ptrs + k0 // 4)
+            s, z = _group_params(s_ptr, z_ptr, s_offs, ((k0 + offs_t * _TILE) // GROUP)[None, :], HAS_ZEROS)
         c0, c1, c2, c3 = _magic_codes(q, ASM)
         part = c0 * tl.load(x_ptrs + k0).to(tl.float32) + c1 * tl.load(x_ptrs + k0 + _QUARTER).to(tl.float32)
         part += c2 * tl.load(x_ptrs + k0 + 2 * _QUARTER).to(tl.float32)
@@ -398,9 +416,9 @@ def _w4a16_gemv_kernel(
         xt = tl.load(x_ptr + k0 + offs_t[:, None] * _TILE + offs_f[None, :]).to(tl.float32)
         x_all = tl.sum(xt, axis=1)
         x_odd = tl.sum(tl.where(odd, xt, 0.0), axis=1)
-        s, z = _group_params(s_ptr, z_ptr, rows[:, None] * stride_sn, ((k0 + offs_t * _TILE) // GROUP)[None, :],
-                             HAS_ZEROS)
         acc += s * (part - (z + 128.0) * x_all[None, :] - 1920.0 * x_odd[None, :])
+        if PREFETCH:
+            q, s, z = q_next, s_next, z_next
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows).to(tl.float32)
@@ -524,13 +542,20 @@ def gemv_ok(k: int, group_size: int, dtype: torch.dtype) -> bool:
     return k % TILE == 0 and group_size % TILE == 0 and dtype in (torch.bfloat16, torch.float16)
 
 
+def gemv_config(n: int, k: int) -> dict:
+    """GEMV blocks from a sweep on the H200 at the Llama-3-8B shapes (benchmarks/NOTES_w4a16.md)."""
+    if n <= 4096:
+        return dict(BLOCK_N=8, TILES=32, num_warps=4, PREFETCH=True)
+    return dict(BLOCK_N=16, TILES=16, num_warps=4, PREFETCH=True)
+
+
 def w4a16_gemv(x2, qweight, scales, zeros, group_size, bias, config=None):
     """``(1, K) -> (1, N)`` on the decode GEMV (``gemv_ok`` must hold)."""
     from torch.library import wrap_triton
 
     k = x2.shape[1]
     n = qweight.shape[0]
-    cfg = dict(config or dict(BLOCK_N=16, TILES=64, num_warps=8))
+    cfg = {"PREFETCH": False, **(config or gemv_config(n, k))}
     asm = cfg.pop("ASM", True) and not INTERPRET
     while k % (TILE * cfg["TILES"]):
         cfg["TILES"] //= 2
