@@ -55,8 +55,11 @@ def all_reduce(x: torch.Tensor, group, how: Optional[AllReduce] = None) -> torch
 
 
 def _qualifies(x: torch.Tensor, max_bytes: int) -> bool:
+    """A message the symmetric kernels take: on CUDA, bf16 or float32, whole 4-byte words, at most
+    ``max_bytes``, and no gradient wanted (the op has no backward; training keeps NCCL)."""
     nbytes = x.numel() * x.element_size()
-    return x.is_cuda and x.dtype in _SYMM_DTYPES and 0 < nbytes <= max_bytes and nbytes % _WORD == 0
+    return (x.is_cuda and x.dtype in _SYMM_DTYPES and 0 < nbytes <= max_bytes and nbytes % _WORD == 0
+            and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 @torch.library.custom_op("pymllm_fx::symm_mem_all_reduce", mutates_args=())
