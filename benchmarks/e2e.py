@@ -40,9 +40,25 @@ its error and the run goes on.
     torchrun --nproc-per-node 2 benchmarks/e2e.py --tp 2 --methods bf16,int4   # tensor parallel, NCCL
 
 Under ``--tp N`` every rank holds its shards (pymllm_fx.quantize with the default process group;
-bf16 is sharded by the "none" method), rank 0 reports into ``results/e2e_tpN.json``, and the
-``logits`` part compares the logits of a fixed prompt with the same weights quantized whole on
-rank 0's GPU (tp 1).
+bf16 is sharded by the "none" method) and rank 0 reports into ``results/e2e_tpN.json``, with every
+rank's peak memory (``peak_bytes_per_rank``: ``torch.cuda.max_memory_allocated`` of each phase). The
+``logits`` part compares the logits of a fixed prompt with the same weights quantized whole (tp 1),
+computed on rank 0 before the model is sharded and then freed (the model is built again, same seed),
+so rank 0 never holds a second copy.
+
+``--model llama3-70b`` (80 layers, hidden 8192, intermediate 28672, 64 heads, 8 key/value heads)
+is built with ``--init shards`` (its default; ``benchmarks/shard_init.py``): on the meta device,
+every rank drawing only its own shards, block-seeded so that tp 1 and tp N hold the same weights,
+and each layer quantized as soon as it is filled (int4 at tp 1 never holds the bf16 model). Its
+``logits`` part records a fingerprint (``logits_probe``) that ``benchmarks/tp_summary.py`` compares
+between a tp 1 and a tp N run.
+
+``--all-reduce one_shot|two_shot`` (under --tp) switches the layers to torch's symmetric-memory
+all-reduce for messages up to ``--symm-max-bytes`` (``pymllm_fx.use_symmetric_memory``);
+``inductor`` instead lets Inductor lower the functional all-reduce to its own one-shot kernel
+(``torch._inductor.config._collective.auto_select``). The ``split`` part (with ``lean``) profiles
+``--split-steps`` CUDA-graph decode steps with torch.profiler and sums kernel time per token into
+linears, all-reduce and the rest (``split_ms_per_token``).
 """
 
 from __future__ import annotations
@@ -80,7 +96,9 @@ from common import (
 )
 
 METHODS = ("bf16", "int8", "int4", "fp8", "torchao-int4", "bf16-fused", "int8-unfused", "int4-unfused", "fp8-unfused")
-PHASES = ("prefill", "gen", "lean", "logits")
+PHASES = ("prefill", "gen", "lean", "logits", "split")
+MODELS = ("llama3-8b", "llama3-70b", "qwen3-moe")
+ALL_REDUCE = ("nccl", "one_shot", "two_shot", "inductor")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "e2e.json"
 
 
@@ -93,9 +111,15 @@ def make_config(layers: Optional[int], tiny: bool, model: str = "llama3-8b"):
     if model == "qwen3-moe":
         return qwen3_moe_config(layers, tiny)
 
-    if tiny:  # seconds on a CPU; int4-friendly widths (multiples of 128)
+    if tiny and model == "llama3-70b":  # the 70B's proportions in seconds: int4 groups of 128 whole at tp 2
+        shape = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096)
+    elif tiny:  # seconds on a CPU; int4-friendly widths (multiples of 128)
         shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096)
+    elif model == "llama3-70b":  # 80 layers: ~141 GB of bf16 weights, more than one 141 GB H200 holds
+        shape = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
     else:  # Llama-3-8B
         shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
@@ -162,6 +186,67 @@ def apply_method(model: nn.Module, method: str, group=None) -> nn.Module:
         out = apply_torchao_int4(model, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and "lm_head" not in fqn)
         return out if isinstance(out, nn.Module) else model
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def pymllm_method(method: str) -> Tuple[str, bool]:
+    """(pymllm_fx method, sibling fusion) of a benchmark method, for the sharded builder, which runs
+    every linear through pymllm_fx (bf16 through the "none" method, as under --tp)."""
+    if method in ("bf16", "bf16-fused"):
+        return "none", method == "bf16-fused"
+    base, _, unfused = method.partition("-")
+    if base in ("int8", "int4", "fp8") and unfused in ("", "unfused"):
+        return base, not unfused
+    raise ValueError(f"{method}: --init shards builds pymllm_fx's methods and bf16 only")
+
+
+def make_model(method: str, args, config, device: torch.device, group) -> nn.Module:
+    """The benchmarked model: built whole and then quantized and sharded (``--init whole``), or
+    built shard by shard on meta (``--init shards``, benchmarks/shard_init.py)."""
+    if args.init == "shards":
+        from shard_init import build_sharded
+
+        spec, fuse = pymllm_method(method)
+        return build_sharded(config, spec, device, args.seed, group, fuse_siblings=fuse)
+    return apply_method(build_model(config, device, args.seed), method, group)
+
+
+def setup_all_reduce(model: nn.Module, args) -> None:
+    """``--all-reduce``: NCCL (the functional collective, the default), torch's symmetric-memory
+    one-shot / two-shot kernels through pymllm_fx.use_symmetric_memory, or Inductor's own lowering
+    of the functional all-reduce to a one-shot kernel (process-wide Inductor options, restored
+    after the method by run_method)."""
+    if args.tp == 1 or args.all_reduce == "nccl":
+        return
+    if args.all_reduce == "inductor":
+        import warnings
+
+        import torch.distributed._symmetric_memory as symm_mem
+
+        collective = getattr(torch._inductor.config, "_collective", None)
+        if collective is None or not hasattr(collective, "auto_select"):
+            raise RuntimeError(f"torch {torch.__version__}: Inductor has no _collective.auto_select option")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in newer torch, needed in older
+            symm_mem.enable_symm_mem_for_group(args.group.group_name)
+        collective.auto_select = True
+        return
+    import pymllm_fx
+
+    pymllm_fx.use_symmetric_memory(model, args.all_reduce, args.symm_max_bytes)
+
+
+def gather(args, value: Any) -> List[Any]:
+    """``value`` of every rank (rank order); a list of one outside --tp."""
+    if args.group is None:
+        return [value]
+    out = [None] * args.tp
+    torch.distributed.all_gather_object(out, value, group=args.group)
+    return out
+
+
+def barrier(args) -> None:
+    if args.group is not None:
+        torch.distributed.barrier(group=args.group)
 
 
 # ---------------------------------------------------------------------------------------- phases
@@ -291,7 +376,132 @@ def phase_lean(model, prompt, args, device) -> Tuple[Dict[str, Any], torch.Tenso
         "lean_compile": compile_counters(),
         "lean_peak_bytes": peak_bytes(device),
     }
+    if "split" in args.parts:  # the same compiled decoder, profiled
+        try:
+            t0 = time.perf_counter()
+            res.update(phase_split(model, decoder, prompt, args, device, res["lean_ms_per_token"]))
+            res["split_phase_s"] = time.perf_counter() - t0
+        except Exception as err:  # noqa: BLE001  (lean's numbers stand)
+            res["split_error"] = short_error(err)
+            print(f"split FAILED: {res['split_error']['error']}", flush=True)
     return res, tokens
+
+
+# Kernel names by category, matched case-insensitively in this order. Attention comes before
+# linears: PyTorch's memory-efficient attention kernels are CUTLASS kernels ("fmha_cutlass...").
+_ALL_REDUCE_KERNELS = ("allreduce", "all_reduce", "nccl")
+_ATTENTION_KERNELS = ("flash", "fmha", "attention", "sdpa")
+_LINEAR_KERNELS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitkreduce", "cublas", "w4a16", "w8a16", "fp8_",
+                   "sm90_", "sm80_", "triton_tem")
+# On a CPU the profiler sees ops, not kernels: the ops that are linears or all-reduces (outermost only).
+_CPU_LINEAR_OPS = ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul")
+
+
+def event_category(name: str, device_type: str) -> Optional[str]:
+    """"linears", "all_reduce", "attention" or "other" for a GPU kernel; for a CPU op the first
+    three or None (not counted: the rest is the step time minus these)."""
+    low = name.lower()
+    if device_type != "cuda":
+        if "all_reduce" in low or "allreduce" in low or "wait_tensor" in low:
+            return "all_reduce"
+        if low.startswith("pymllm_fx::") and "linear" in low or low in _CPU_LINEAR_OPS:
+            return "linears"
+        if "scaled_dot_product" in low:
+            return "attention"
+        return None
+    if any(k in low for k in _ALL_REDUCE_KERNELS):
+        return "all_reduce"
+    if any(k in low for k in _ATTENTION_KERNELS):
+        return "attention"
+    if any(k in low for k in _LINEAR_KERNELS):
+        return "linears"
+    return "other"
+
+
+def split_summary(events: List[Tuple[str, float, float]], steps: int, device_type: str,
+                  step_ms: Optional[float]) -> Dict[str, Any]:
+    """Per-token milliseconds by category from profiler events ``(name, start us, duration us)``.
+    GPU kernels are summed; CPU ops nest, so only the outermost counted op of a stack is."""
+    totals = {"linears": 0.0, "all_reduce": 0.0, "attention": 0.0, "other": 0.0}
+    by_name: Dict[str, float] = {}
+    covered = float("-inf")
+    for name, ts, dur in sorted(events, key=lambda e: e[1]):
+        category = event_category(name, device_type)
+        if category is None or (device_type != "cuda" and ts < covered):
+            continue
+        totals[category] += dur
+        by_name[name] = by_name.get(name, 0.0) + dur
+        covered = max(covered, ts + dur)
+    per_token = {k: v / 1e3 / steps for k, v in totals.items()}
+    out: Dict[str, Any] = {"split_steps": steps, "split_events_ms_per_token": per_token,
+                           "split_top": [[n[:160], round(d / 1e3 / steps, 4)]
+                                         for n, d in sorted(by_name.items(), key=lambda x: -x[1])[:15]]}
+    if step_ms is not None:
+        out["split_ms_per_token"] = {
+            "linears": per_token["linears"], "all_reduce": per_token["all_reduce"],
+            "rest": step_ms - per_token["linears"] - per_token["all_reduce"], "step": step_ms,
+            # of the rest: attention kernels, other kernels, and time no kernel ran (launch gaps, host)
+            "attention": per_token["attention"], "other_kernels": per_token["other"],
+            "idle": step_ms - sum(per_token.values()) if device_type == "cuda" else None,
+        }
+    return out
+
+
+def profile_decode(decoder, prompt, steps: int, device) -> Tuple[List[Tuple[str, float, float]], float]:
+    """Profiler events of ``steps`` decode steps (after a prefill and two unprofiled steps): GPU
+    kernels, memcpys and memsets on CUDA, ops on a CPU; and the seconds the steps took (profiled)."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    token, cache = decoder.prefill(prompt)
+    for _ in range(2):
+        token = decoder.step(token, cache).clone()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = decoder.step(token, cache).clone()
+        sync(device)
+        wall_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    kinds = ("kernel", "gpu_memcpy", "gpu_memset") if device.type == "cuda" else ("cpu_op",)
+    events = [(e["name"], float(e["ts"]), float(e["dur"])) for e in trace.get("traceEvents", [])
+              if e.get("ph") == "X" and e.get("cat") in kinds and "dur" in e]
+    return events, wall_s
+
+
+def phase_split(model, decoder, prompt, args, device, step_ms: float) -> Dict[str, Any]:
+    """Decode time per token split into linears, all-reduce and the rest: kernel times of the
+    CUDA-graph steps that ``lean`` measured, by name; if the profiler sees no kernel inside the
+    graphs, of the same step compiled without CUDA graphs. Every rank profiles (the ranks step
+    together); rank 0's split is reported, with every rank's in ``split_ms_per_token_per_rank``."""
+    from pymllm_fx.evaluation import GreedyDecoder
+
+    steps = args.split_steps
+    if prompt.shape[1] + steps + 3 > decoder.max_cache_len:
+        raise ValueError(f"--split-steps {steps} needs --new-tokens >= {steps + 3}")
+    events, wall_s = profile_decode(decoder, prompt, steps, device)
+    source = "cuda_graph_replays" if device.type == "cuda" else "cpu_ops"
+    if device.type == "cuda" and any(not found for found in gather(args, bool(events))):
+        plain = GreedyDecoder(model, max_cache_len=decoder.max_cache_len, compile=True, mode=None)
+        events, wall_s = profile_decode(plain, prompt, steps, device)
+        source = "compiled_without_cuda_graphs"
+    # On a GPU, kernel times do not change under the profiler: the rest is taken from lean's
+    # unprofiled step. CPU ops do slow down, so there the profiled steps' own time is the whole.
+    profiled_ms = wall_s / steps * 1e3
+    out = split_summary(events, steps, device.type, step_ms if device.type == "cuda" else profiled_ms)
+    out["split_profiled_step_ms"] = profiled_ms
+    out["split_source"] = source
+    out["split_ms_per_token_per_rank"] = gather(args, out.get("split_ms_per_token"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -314,6 +524,9 @@ def setup_key(args, config) -> Dict[str, Any]:
     return {
         "tiny": args.tiny,
         "tp": args.tp,
+        "model_name": args.model,
+        "init": args.init,
+        "all_reduce": args.all_reduce if args.tp > 1 else None,
         "layers": config.num_hidden_layers,
         "hidden": config.hidden_size,
         "model": config.model_type,
@@ -333,25 +546,34 @@ def logits_prompt(config, args, device) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(args.seed + 3)).to(device)
 
 
-def reference_logits_tp1(model, method: str, args, config, device) -> Optional[torch.Tensor]:
-    """Under --tp, rank 0's logits of the same weights quantized whole on one GPU (tp 1)."""
-    if args.tp == 1 or "logits" not in args.parts or args.rank != 0:
+def reference_logits_tp1(method: str, args, config, device) -> Optional[torch.Tensor]:
+    """Under --tp (``--init whole``), rank 0's logits of the same weights quantized whole (tp 1),
+    computed before the sharded model is built and freed right after: rank 0 holds one model at a
+    time (the float model and its quantized layers while quantizing), not a tp-1 copy beside its
+    shards. The other ranks wait at a barrier. With ``--init shards`` a whole 70B model does not fit
+    one GPU: the fingerprint in ``logits_probe`` is compared with a tp 1 run instead."""
+    if args.tp == 1 or "logits" not in args.parts or args.init != "whole":
         return None
-    import copy
-
-    whole = apply_method(copy.deepcopy(model), method, group=False)
-    with torch.no_grad():
-        logits = whole(logits_prompt(config, args, device), use_cache=False).logits.float()
-    del whole
-    free(device)
+    logits = None
+    if args.rank == 0:
+        whole = apply_method(build_model(config, device, args.seed), method, group=False)
+        with torch.no_grad():
+            logits = whole(logits_prompt(config, args, device), use_cache=False).logits.float()
+        del whole
+        free(device)
+    barrier(args)
     return logits
 
 
 def phase_logits(model, reference: Optional[torch.Tensor], config, args, device) -> Dict[str, Any]:
-    """Eager logits of a fixed 64-token prompt; under --tp, their relative error against tp 1 (rank 0)."""
+    """Eager logits of a fixed 64-token prompt; under --tp, their relative error against tp 1 (rank 0).
+    ``logits_probe`` (every 8th position, the first 256 vocabulary entries) and ``logits_argmax``
+    let two runs be compared later (benchmarks/tp_summary.py)."""
     with torch.no_grad():
         logits = model(logits_prompt(config, args, device), use_cache=False).logits.float()
-    out: Dict[str, Any] = {"logits_norm": logits.norm().item()}
+    out: Dict[str, Any] = {"logits_norm": logits.norm().item(),
+                           "logits_probe": [round(v, 5) for v in logits[0, ::8, :256].flatten().tolist()],
+                           "logits_argmax": logits[0].argmax(-1).tolist()}
     if reference is not None:
         out["logits_rel_err_vs_tp1"] = ((logits - reference).norm() / reference.norm()).item()
         out["argmax_agree_vs_tp1"] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
@@ -375,15 +597,24 @@ def _run_method(method: str, args, config, device: torch.device, res: Dict[str, 
     try:
         reset_peak(device)
         t0 = time.perf_counter()
-        model = build_model(config, device, args.seed)
-        sync(device)
-        res["build_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        reference_logits = reference_logits_tp1(method, args, config, device)
+        if reference_logits is not None or (args.tp > 1 and "logits" in args.parts and args.init == "whole"):
+            res["reference_s"] = time.perf_counter() - t0
         inductor_before = torch._inductor.config.get_config_copy()
-        reference_logits = reference_logits_tp1(model, method, args, config, device)
-        model = apply_method(model, method, args.group)
-        sync(device)
-        res["quantize_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if args.init == "shards":  # built, filled and quantized layer by layer: one number
+            model = make_model(method, args, config, device, args.group)
+            sync(device)
+            res["build_s"] = time.perf_counter() - t0
+        else:
+            model = build_model(config, device, args.seed)
+            sync(device)
+            res["build_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model = apply_method(model, method, args.group)
+            sync(device)
+            res["quantize_s"] = time.perf_counter() - t0
+        setup_all_reduce(model, args)
         changed = {k: v for k, v in torch._inductor.config.get_config_copy().items() if inductor_before.get(k) != v}
         if changed:
             res["inductor_config_set_by_method"] = {k: repr(v) for k, v in changed.items()}
@@ -391,8 +622,9 @@ def _run_method(method: str, args, config, device: torch.device, res: Dict[str, 
         res["weight_bytes"] = model_bytes(model)
         res["allocated_after_load_bytes"] = allocated_bytes(device)
         res["load_peak_bytes"] = peak_bytes(device)
-        print(f"[{method}] built in {res['build_s']:.1f}s, method applied in {res['quantize_s']:.1f}s, "
-              f"weights {human_bytes(res['weight_bytes']['total'])}", flush=True)
+        print(f"[{method}] built in {res['build_s']:.1f}s" + (f", method applied in {res['quantize_s']:.1f}s"
+                                                              if "quantize_s" in res else " (shard by shard)")
+              + f", weights {human_bytes(res['weight_bytes']['total'])}", flush=True)
     except Exception as err:  # noqa: BLE001  (recorded, the next method still runs)
         res.update(short_error(err))
         print(f"[{method}] FAILED before measuring: {res['error']}", flush=True)
@@ -416,6 +648,8 @@ def _run_method(method: str, args, config, device: torch.device, res: Dict[str, 
             elif phase == "lean":
                 out, tokens["lean"] = phase_lean(model, prompt, args, device)
                 res.update(out)
+            elif phase == "split":
+                continue  # profiled inside lean, with its compiled decoder
             res[f"{phase}_phase_s"] = time.perf_counter() - t0
             print(f"[{method}] {phase} done in {res[f'{phase}_phase_s']:.1f}s", flush=True)
         except Exception as err:  # noqa: BLE001
@@ -433,6 +667,11 @@ def _run_method(method: str, args, config, device: torch.device, res: Dict[str, 
         del res["errors"]
     del model, tokens, prompt
     free(device)
+    # Every rank's peaks (rank 0 writes the file): the memory a GPU needs is its own rank's.
+    peaks = {k: v for k, v in res.items() if k.endswith("_peak_bytes") or k == "allocated_after_load_bytes"}
+    res["peak_bytes_per_rank"] = gather(args, peaks)
+    res["max_peak_bytes_per_rank"] = [max([v for k, v in p.items() if k.endswith("_peak_bytes") and v is not None],
+                                          default=None) for p in res["peak_bytes_per_rank"]]
     return res
 
 
@@ -477,20 +716,31 @@ def table(data: Dict[str, Any]) -> str:
     def gib(x):
         return None if x is None else f"{x / GiB:.2f}"
 
+    def split(r):
+        parts = r.get("split_ms_per_token")
+        return None if not parts else "/".join(f"{parts[k]:.2f}" for k in ("linears", "all_reduce", "rest"))
+
+    def per_rank(r):
+        peaks = r.get("max_peak_bytes_per_rank") or []
+        return None if not peaks or None in peaks else ",".join(f"{p / GiB:.1f}" for p in peaks)
+
     rows = []
     for m in order:
         r = results[m]
+        setup = r.get("setup", {})
+        where = f"{setup.get('tp', 1)}" + (f" {setup['all_reduce']}" if setup.get("all_reduce") not in (None, "nccl") else "")
         if "error" in r:
-            rows.append([m] + [None] * 8 + ["error: " + r["error"].splitlines()[0][:80]])
+            rows.append([m, where] + [None] * 10 + ["error: " + r["error"].splitlines()[0][:80]])
             continue
         rows.append([
-            m, fmt(r.get("gen_tok_s"), ".1f"), fmt(r.get("lean_tok_s"), ".1f"), fmt(r.get("prefill_ms"), ".1f"),
-            gib(r.get("gen_peak_bytes") or r.get("lean_peak_bytes")), human_bytes(r.get("weight_bytes", {}).get("total")),
+            m, where, fmt(r.get("gen_tok_s"), ".1f"), fmt(r.get("lean_tok_s"), ".1f"), fmt(r.get("prefill_ms"), ".1f"),
+            gib(r.get("gen_peak_bytes") or r.get("lean_peak_bytes")), per_rank(r),
+            human_bytes(r.get("weight_bytes", {}).get("total")), split(r),
             ratio(r, "gen_tok_s"), ratio(r, "lean_tok_s"), ratio(r, "prefill_ms", inverse=True),
-            ",".join(sorted(r.get("errors", {}))) or None,
+            ",".join(sorted(r.get("errors", {})) + (["split"] if "split_error" in r else [])) or None,
         ])
-    headers = ["method", "gen tok/s", "lean tok/s", "prefill ms", "peak GiB", "weights",
-               "gen vs bf16", "lean vs bf16", "prefill vs bf16", "failed"]
+    headers = ["method", "tp", "gen tok/s", "lean tok/s", "prefill ms", "peak GiB", "peak GiB/rank", "weights/rank",
+               "lin/ar/rest ms", "gen vs bf16", "lean vs bf16", "prefill vs bf16", "failed"]
     return format_table(headers, rows)
 
 
@@ -503,12 +753,22 @@ def parse_args(argv=None):
     p.add_argument("--methods", default="bf16,int8,int4,fp8,torchao-int4",
                    help=f"comma-separated, from {','.join(METHODS)} (default: all)")
     p.add_argument("--parts", default=",".join(PHASES),
-                   help="comma-separated phases to run: prefill,gen,lean (default: all)")
+                   help="comma-separated phases to run: prefill,gen,lean,logits,split (default: all; split needs lean)")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (quick runs)")
     p.add_argument("--tiny", action="store_true", help="a tiny config that runs on a CPU in seconds")
-    p.add_argument("--model", default="llama3-8b", choices=("llama3-8b", "qwen3-moe"),
-                   help="the shape: Llama-3-8B (default) or Qwen3-30B-A3B (MoE: bf16 runs transformers' own "
-                        "experts implementation, grouped_mm on CUDA)")
+    p.add_argument("--model", default="llama3-8b", choices=MODELS,
+                   help="the shape: Llama-3-8B (default), Llama-3-70B (built shard by shard: --init shards), or "
+                        "Qwen3-30B-A3B (MoE: bf16 runs transformers' own experts implementation, grouped_mm on CUDA)")
+    p.add_argument("--init", default="auto", choices=("auto", "whole", "shards"),
+                   help="whole: transformers' init of the whole model on the device, then quantize and shard; shards: "
+                        "each rank draws only its shards on meta-built layers (benchmarks/shard_init.py); "
+                        "auto: shards for llama3-70b, whole otherwise")
+    p.add_argument("--all-reduce", default="nccl", choices=ALL_REDUCE,
+                   help="under --tp: nccl (functional collective), one_shot / two_shot (symmetric memory, "
+                        "pymllm_fx.use_symmetric_memory), inductor (Inductor's own one-shot lowering)")
+    p.add_argument("--symm-max-bytes", type=int, default=1 << 20,
+                   help="largest all-reduce message sent through symmetric memory (larger ones use NCCL)")
+    p.add_argument("--split-steps", type=int, default=8, help="decode steps profiled by the split part")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--new-tokens", type=int, default=128, help="T, tokens generated per decode run")
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length for decode")
@@ -533,6 +793,12 @@ def parse_args(argv=None):
     for x in args.parts:
         if x not in PHASES:
             p.error(f"unknown part {x!r}; choose from {', '.join(PHASES)}")
+    if args.init == "auto":
+        args.init = "shards" if args.model == "llama3-70b" else "whole"
+    if args.init == "shards" and args.model == "qwen3-moe":
+        p.error("--init shards fills linear layers only; qwen3-moe's experts need --init whole")
+    if "split" in args.parts and "lean" not in args.parts:
+        p.error("the split part profiles lean's compiled decoder: add lean to --parts")
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (decode speed is measured over T - 1 steps)")
     if args.warmup < 1:
@@ -581,6 +847,9 @@ def init_tensor_parallel(args) -> torch.device:
 
     import torch.distributed as dist
 
+    # NVLink SHARP / multicast stays off on these machines (NCCL, torch's symmetric memory, NVSHMEM).
+    for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        os.environ.setdefault(key, "0" if key == "NCCL_NVLS_ENABLE" else "1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != args.tp:
         raise SystemExit(

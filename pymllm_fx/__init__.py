@@ -9,6 +9,7 @@
 
 from pymllm_fx import kernels  # noqa: F401  (registers torch.ops.pymllm_fx.*)
 from pymllm_fx.api import DEFAULT_SKIP, explain_checkpoint, from_pretrained, quantize, save_quantized, skip_reason
+from pymllm_fx.layers.all_reduce import use_symmetric_memory
 from pymllm_fx.layers.quantize_base import LinearMethodBase, QuantizeMethodBase, UnquantizedLinearMethod
 from pymllm_fx.loading import CheckpointError, iter_weights, load_weights, process_weights_after_loading
 from pymllm_fx.methods.registry import method_names, resolve
@@ -31,4 +32,5 @@ __all__ = [
     "resolve",
     "save_quantized",
     "skip_reason",
+    "use_symmetric_memory",
 ]

@@ -58,6 +58,7 @@ def quantize(
     process_group: Optional[Any] = None,
     strict: bool = False,
     fuse_siblings: bool = True,
+    shard_init: Optional[Callable[[LinearSite, nn.Module], None]] = None,
 ) -> nn.Module:
     """Quantize every linear layer of ``model`` in place and return it.
 
@@ -81,6 +82,13 @@ def quantize(
     Mixture-of-experts blocks: a module whose stacked 3-D weights the graph multiplies one expert
     at a time, and that declares transformers' experts interface, becomes a ``FusedMoE`` layer run
     by the method's grouped kernel (int8, int4, fp8); other expert weights stay float, with a warning.
+    ``shard_init(site, layer)``: for a model built on the meta device (too large to hold whole),
+    fills each new layer's float parameters, already this rank's shard on ``device`` (its rows or
+    columns follow from ``layer.tp_rank`` / ``tp_size`` and each parameter's ``output_dim`` /
+    ``input_dim``), instead of loading the model's own weights; each layer is filled and quantized
+    before the next is built, so no whole float model is ever allocated. The model's other tensors
+    (embeddings, norms, skipped layers) stay on meta for the caller to fill. Random-weight
+    benchmarks of models larger than one device use it.
     On any error the model is left exactly as it was.
     """
     _check_model(model)
@@ -127,13 +135,15 @@ def quantize(
                       + " (see explain(model); strict=True makes this an error)", stacklevel=2)
         plan = [site for site in plan if site.path in dry]
     expert_plan, expert_reasons = _plan_experts(model, matmul_params, quant_method, skip, tp, weights, strict)
+    if shard_init is not None:
+        _check_shard_init(quant_method, weights, device, expert_plan)
     if weights is not None:
         _check_fits(model, dry, checkpoint_tensors(weights), weights,
                     {path: (_build_experts(path, m, quant_method.experts_method(), "meta", tp), m)
                      for path, m in expert_plan.items()})
     build = functools.partial(_build_layer, quant_method=quant_method, device=device, tp=tp)
     if weights is None:
-        layers = _quantize_own_weights(model, plan, build, progress)
+        layers = _quantize_own_weights(model, plan, build, progress, shard_init)
         expert_layers = _quantize_own_experts(model, expert_plan, quant_method, device, progress, tp)
     else:
         layers = {site.path: build(site) for site in plan}
@@ -230,6 +240,20 @@ def _quantize_own_experts(model: nn.Module, plan: Dict[str, nn.Module], quant_me
     if problems:
         raise CheckpointError("quantization failed; the model was left unchanged.\n" + "\n".join(problems))
     return layers
+
+
+def _check_shard_init(quant_method, weights, device, expert_plan: Dict[str, nn.Module]) -> None:
+    """``shard_init`` fills float weights that the method then calibrates, on a device the caller names."""
+    if weights is not None:
+        raise ValueError("pass either weights=<checkpoint path> or shard_init=, not both")
+    if getattr(quant_method, "prequantized", False):
+        raise ValueError(f"shard_init fills float weights, but {_name(quant_method)!r} loads an already-quantized "
+                         f"checkpoint; use a method that calibrates (none, int8, int4, fp8)")
+    if device is None or torch.device(device).type == "meta":
+        raise ValueError("shard_init needs device= (where each layer's shard is made), not the meta device")
+    if expert_plan:
+        raise NotImplementedError(f"shard_init does not fill experts yet ({', '.join(list(expert_plan)[:3])}); "
+                                  f"build the model with real weights instead")
 
 
 def _sibling_groups(sites: List[LinearSite], layers: Dict[str, nn.Module]) -> List[List[str]]:
@@ -630,12 +654,20 @@ def _own_tensors(module: nn.Module, site: LinearSite):
 
 
 def _quantize_own_weights(
-    model: nn.Module, plan: List[LinearSite], build: Callable[[LinearSite], nn.Module], progress: bool
+    model: nn.Module, plan: List[LinearSite], build: Callable[[LinearSite], nn.Module], progress: bool,
+    shard_init: Optional[Callable[[LinearSite, nn.Module], None]] = None,
 ) -> Dict[str, nn.Module]:
-    """Build, load and calibrate one layer at a time, so at most one extra float weight is alive."""
+    """Build, load (or fill through ``shard_init``) and calibrate one layer at a time, so at most one
+    extra float weight is alive."""
     problems = []
     layers: Dict[str, nn.Module] = {}
     for site in tqdm(plan, desc="quantizing", unit="layer", disable=not progress):
+        if shard_init is not None:
+            layer = layers[site.path] = build(site)
+            with torch.no_grad():
+                shard_init(site, layer)
+            layer.quant_method.process_weights_after_loading(layer)
+            continue
         old = model.get_submodule(site.path)
         if old.weight.device.type == "meta":
             raise ValueError(

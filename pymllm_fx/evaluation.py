@@ -55,6 +55,15 @@ class GreedyDecoder:
         return self.model(token, use_cache=True, **{self._cache_kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor):
+        """Run the prompt (eager) into a fresh static cache; returns (first new token ``(1, 1)``, cache),
+        from which ``step`` continues one token at a time."""
+        device = next(self.model.parameters()).device
+        cache = self._cache_cls(config=self.model.config, max_cache_len=self.max_cache_len)
+        logits = self.model(input_ids.to(device), use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits
+        return logits[:, -1].argmax(-1, keepdim=True), cache
+
+    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None):
         """Returns (new token ids ``(1, n)``, seconds spent in decode steps, the prefill excluded)."""
         if input_ids.shape[1] + max_new_tokens > self.max_cache_len:
@@ -62,9 +71,7 @@ class GreedyDecoder:
                 f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new exceeds max_cache_len={self.max_cache_len}"
             )
         device = next(self.model.parameters()).device
-        cache = self._cache_cls(config=self.model.config, max_cache_len=self.max_cache_len)
-        logits = self.model(input_ids.to(device), use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        token, cache = self.prefill(input_ids)
         tokens = [token]
         _sync(device)
         start = time.perf_counter()

@@ -30,9 +30,45 @@ def build_layer(method, k: int, n: int, tensors: dict, bias=None, dtype=torch.fl
     return layer
 
 
+# NVLink SHARP / multicast stays off on the project's GPU machines: NCCL's NVLS, torch's
+# symmetric-memory multicast and NVSHMEM's.
+TP_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def two_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+def backend_params(worlds=(2,)) -> list:
+    """pytest params (backend, world): gloo on CPU at each size in ``worlds``, and nccl at 2 ranks
+    on 2 CUDA GPUs (one process per GPU), skipped without them."""
+    import pytest
+
+    return [pytest.param("gloo", w, id=f"gloo-{w}") for w in worlds] + [
+        pytest.param("nccl", 2, id="nccl-2",
+                     marks=pytest.mark.skipif(not two_gpus(), reason="NCCL tests need 2 CUDA GPUs (one process per GPU)"))]
+
+
+def init_rank(rank: int, world: int, port: int, backend: str) -> torch.device:
+    """Join the process group of a spawned test worker; returns its device (cuda:rank under NCCL)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **TP_ENV)
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+        return device
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    return torch.device("cpu")
+
+
 def spawn_ranks(worker, world: int, *args) -> None:
-    """Run ``worker(rank, world, port, *args, errors)`` in ``world`` spawned processes (gloo tests) and
-    fail with every rank's traceback that the workers put on ``errors``."""
+    """Run ``worker(rank, world, port, *args, errors)`` in ``world`` spawned processes (gloo or NCCL
+    tests) and fail with every rank's traceback that the workers put on ``errors``."""
     import socket
 
     import torch.multiprocessing as mp

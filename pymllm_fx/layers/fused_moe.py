@@ -23,9 +23,9 @@ from abc import abstractmethod
 from typing import Any, Callable, Dict, Optional
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 
+from pymllm_fx.layers.all_reduce import AllReduce, all_reduce
 from pymllm_fx.layers.parameter import copy_into, register_param, set_weight_attrs
 from pymllm_fx.layers.quantize_base import QuantizeMethodBase
 
@@ -117,6 +117,8 @@ def _stacked_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) ->
 class FusedMoE(nn.Module):
     """The experts of one MoE block, run by ``quant_method`` (a ``FusedMoEMethodBase``)."""
 
+    all_reduce_with: Optional[AllReduce] = None  # None: the functional collective (see layers/all_reduce.py)
+
     def __init__(
         self,
         num_experts: int,
@@ -179,7 +181,7 @@ class FusedMoE(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = self.quant_method.apply(self, hidden_states, top_k_index, top_k_weights)
         if self.process_group is not None and self.tp_size > 1:
-            out = funcol.all_reduce(out, "sum", self.process_group)
+            out = all_reduce(out, self.process_group, self.all_reduce_with)
         return out
 
     def _apply(self, fn, recurse=True):

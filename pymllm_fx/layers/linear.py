@@ -12,10 +12,10 @@ import warnings
 from typing import Any, List, Optional, Union
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.nn import Parameter
 
+from pymllm_fx.layers.all_reduce import AllReduce, all_reduce
 from pymllm_fx.layers.parameter import copy_into, narrow_for_rank, set_weight_attrs, stored_size
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
 from pymllm_fx.layers.siblings import fuse_again_after_move
@@ -368,9 +368,12 @@ class RowParallelLinear(LinearBase):
     """Input features split across ranks; the bias is added once, on rank 0.
 
     With a ``process_group`` the partial sums are all-reduced over it through torch's functional
-    collectives, which ``torch.compile`` traces into the graph (no graph break); without one the
-    layer returns this rank's partial sum.
+    collectives, which ``torch.compile`` traces into the graph (no graph break), or through
+    symmetric memory after ``use_symmetric_memory`` (``all_reduce_with``); without one the layer
+    returns this rank's partial sum.
     """
+
+    all_reduce_with: Optional[AllReduce] = None  # None: the functional collective (NCCL)
 
     def __init__(
         self,
@@ -408,5 +411,5 @@ class RowParallelLinear(LinearBase):
         bias = self.bias if self.tp_rank == 0 else None
         out = self.quant_method.apply(self, x, bias)
         if self.process_group is not None and self.tp_size > 1:
-            out = funcol.all_reduce(out, "sum", self.process_group)
+            out = all_reduce(out, self.process_group, self.all_reduce_with)
         return out

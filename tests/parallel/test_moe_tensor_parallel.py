@@ -1,10 +1,10 @@
-"""Mixture-of-experts under tensor parallelism on CPU (gloo, 2 ranks): each expert's intermediate
-dimension splits over the ranks, and the sharded model gives the unsharded quantized model's logits."""
+"""Mixture-of-experts under tensor parallelism at 2 ranks (gloo on CPU; NCCL on 2 GPUs, skipped
+without them): each expert's intermediate dimension splits over the ranks, and the sharded model
+gives the unsharded quantized model's logits."""
 
 from __future__ import annotations
 
 import copy
-import os
 import traceback
 
 import pytest
@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import pymllm_fx
 from pymllm_fx.layers.fused_moe import FusedMoE
-from checks import rel_err, spawn_ranks
+from checks import backend_params, init_rank, rel_err, spawn_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,14 +49,12 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
-def _worker(rank: int, world: int, port: int, expected: dict, errors) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, expected: dict, errors) -> None:
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        torch.set_num_threads(1)
+        device = init_rank(rank, world, port, backend)
         for arch in MODELS:
             for name, method in METHODS.items():
-                model = pymllm_fx.quantize(build(arch), method, progress=False)
+                model = pymllm_fx.quantize(build(arch).to(device), method, progress=False)
                 experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
                 assert len(experts) == 2 and all(m.tp_size == world for m in experts)
                 layer = experts[0]
@@ -64,7 +62,7 @@ def _worker(rank: int, world: int, port: int, expected: dict, errors) -> None:
                     assert tuple(layer.w13_qweight.shape) == (4, 2 * 64 // world, 64 // 8)
                     assert tuple(layer.w2_qweight.shape) == (4, 64, 64 // world // 8)
                 with torch.no_grad():
-                    logits = model(ids()).logits
+                    logits = model(ids().to(device)).logits.cpu()
                 err = rel_err(logits, expected[arch, name])
                 assert err <= TOL[name], f"{arch} {name}: tp={world} logits differ from tp=1 by {err:.2e}"
         dist.barrier()
@@ -75,14 +73,16 @@ def _worker(rank: int, world: int, port: int, expected: dict, errors) -> None:
             dist.destroy_process_group()
 
 
-def test_experts_split_over_two_ranks_match_one_rank():
+@pytest.mark.parametrize("backend, world", backend_params())
+def test_experts_split_over_two_ranks_match_one_rank(backend, world):
+    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
     expected = {}
     with torch.no_grad():
         for arch in MODELS:
             for name, method in METHODS.items():
-                model = pymllm_fx.quantize(build(arch), method, progress=False)
-                expected[arch, name] = model(ids()).logits
-    spawn_ranks(_worker, 2, expected)
+                model = pymllm_fx.quantize(build(arch).to(device), method, progress=False)
+                expected[arch, name] = model(ids().to(device)).logits.cpu()
+    spawn_ranks(_worker, world, backend, expected)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])

@@ -1,14 +1,16 @@
-"""Tensor parallelism on CPU: gloo process groups of 2 and 4 ranks (torch.multiprocessing).
+"""Tensor parallelism: gloo process groups of 2 and 4 ranks on CPU, and NCCL at 2 ranks on 2 GPUs
+(one process per GPU; skipped without them), spawned with torch.multiprocessing.
 
 Every rank builds the same tiny Llama, quantizes it with ``process_group`` = the default group,
-and must produce the logits of the unsharded quantized model; shard shapes and the refusal of a
-group size that does not divide a rank's inputs are checked in the same processes.
+and must produce the logits of the unsharded quantized model (computed in the parent on the same
+kind of device); shard shapes and the refusal of a group size that does not divide a rank's inputs
+are checked in the same processes. Under NCCL the int4 model also decodes through CUDA graphs
+(``GreedyDecoder``, ``mode="reduce-overhead"``, fullgraph) and must give the tokens of tp 1.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import traceback
 
 import pytest
@@ -16,8 +18,9 @@ import torch
 import torch.distributed as dist
 
 import pymllm_fx
+from pymllm_fx.evaluation import GreedyDecoder
 from pymllm_fx.layers.linear import ColumnParallelLinear, RowParallelLinear
-from checks import rel_err, spawn_ranks
+from checks import backend_params, init_rank, rel_err, spawn_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,6 +48,31 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
+DECODE_TOKENS = 6
+
+
+def greedy(model, device, compile: bool) -> torch.Tensor:
+    """``DECODE_TOKENS`` greedy tokens after the first prompt of ``ids()``; compiled: one fullgraph
+    step under CUDA graphs."""
+    prompt = ids()[:1].to(device)
+    decoder = GreedyDecoder(model, max_cache_len=prompt.shape[1] + DECODE_TOKENS, compile=compile,
+                            mode="reduce-overhead" if compile else None)
+    return decoder.generate(prompt, DECODE_TOKENS)[0].cpu()
+
+
+def check_cuda_graph_decode(model, device, expected: torch.Tensor, what: str) -> None:
+    """Greedy decode under CUDA graphs: the tokens of tp 1, one graph, no CUDA graph skipped."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    tokens = greedy(model, device, compile=True)
+    assert torch.equal(tokens, expected), f"{what}: CUDA-graph decode gave {tokens.tolist()}, tp=1 {expected.tolist()}"
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0, "CUDA graphs were skipped"
+    torch._dynamo.reset()
+
+
 # Checkpoints written by save_quantized, loaded by from_pretrained on every rank: each keeps only
 # its shard of the packed weights, group scales, zero points and GPTQ's g_idx. Weight-only, so the
 # sharded model computes what the whole one does up to summation order.
@@ -56,12 +84,10 @@ CHECKPOINTS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, expected: dict, checkpoints: dict, errors) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, expected: dict, checkpoints: dict, errors) -> None:
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        torch.set_num_threads(1)
-        float_model = build()
+        device = init_rank(rank, world, port, backend)
+        float_model = build().to(device)
         for name, method in METHODS.items():
             model = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)
             attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
@@ -76,7 +102,7 @@ def _worker(rank: int, world: int, port: int, expected: dict, checkpoints: dict,
                 assert tuple(mlp.down_proj.qweight.shape) == (128, 256 // world // 8)
                 assert tuple(mlp.down_proj.scales.shape) == (128, 256 // world // 32)
             with torch.no_grad():
-                logits = model(ids()).logits
+                logits = model(ids().to(device)).logits.cpu()
             if name == "fp8":
                 err, bound = rel_err(logits, expected["float"]), FP8_NOISE_RATIO * rel_err(expected[name], expected["float"])
                 assert err <= bound, f"fp8: tp={world} is {err:.2e} from the float model, tp=1 is {bound / FP8_NOISE_RATIO:.2e}"
@@ -84,15 +110,18 @@ def _worker(rank: int, world: int, port: int, expected: dict, checkpoints: dict,
                 err = rel_err(logits, expected[name])
                 assert err <= TOL[name], f"{name}: tp={world} logits differ from tp=1 by {err:.2e}"
             if name == "int4" and world == 2:  # every rank: the traced forward runs the collectives
-                explained = torch._dynamo.explain(model)(ids())
+                explained = torch._dynamo.explain(model)(ids().to(device))
                 assert explained.graph_break_count == 0, explained.break_reasons
+                torch._dynamo.reset()
+                if backend == "nccl":
+                    check_cuda_graph_decode(model, device, expected["decode"], f"int4 tp={world}")
         for name, path in checkpoints.items():
-            model = pymllm_fx.from_pretrained(path, device="cpu", progress=False)
+            model = pymllm_fx.from_pretrained(path, device=device, progress=False)
             assert isinstance(model.model.layers[1].mlp.down_proj, RowParallelLinear)
             if name == "gptq":
                 assert tuple(model.model.layers[1].mlp.down_proj.scales.shape) == (128, 256 // world // 32)
             with torch.no_grad():
-                err = rel_err(model(ids()).logits, expected[name])
+                err = rel_err(model(ids().to(device)).logits.cpu(), expected[name])
             assert err <= 1e-5, f"{name} checkpoint: tp={world} logits differ from tp=1 by {err:.2e}"
         # A group size that does not divide a rank's inputs: refused before any weight is loaded.
         torch.manual_seed(0)  # down_proj's 320 inputs: 160 or 80 a rank (o_proj's 128: 32 at tp 4)
@@ -110,18 +139,25 @@ def _worker(rank: int, world: int, port: int, expected: dict, checkpoints: dict,
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_tensor_parallel_logits_match_one_rank(world, tmp_path):
-    float_model = build()
+@pytest.mark.parametrize("backend, world", backend_params(worlds=(2, 4)))
+def test_tensor_parallel_logits_match_one_rank(backend, world, tmp_path):
+    """tp=1 runs here on the kind of device the ranks use (the first GPU for NCCL), then moves to the CPU."""
+    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    float_model = build().to(device)
+    x = ids().to(device)
     with torch.no_grad():
-        expected = {"float": float_model(ids()).logits}
+        expected = {"float": float_model(x).logits.cpu()}
         for name, method in METHODS.items():
-            expected[name] = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)(ids()).logits
+            model = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)
+            expected[name] = model(x).logits.cpu()
+            if name == "int4" and backend == "nccl":
+                expected["decode"] = greedy(model, device, compile=False)
     checkpoints = {}
     for name, (method, fmt) in CHECKPOINTS.items():
         checkpoints[name] = tmp_path / name
-        quantized = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)
+        quantized = pymllm_fx.quantize(build(), method, progress=False)
         pymllm_fx.save_quantized(quantized, checkpoints[name], format=fmt, progress=False)
         with torch.no_grad():
-            expected[name] = pymllm_fx.from_pretrained(checkpoints[name], device="cpu", progress=False)(ids()).logits
-    spawn_ranks(_worker, world, expected, checkpoints)
+            expected[name] = pymllm_fx.from_pretrained(checkpoints[name], device=device, progress=False)(x).logits.cpu()
+    del float_model, model
+    spawn_ranks(_worker, world, backend, expected, checkpoints)
