@@ -26,7 +26,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-from pymllm_fx.layers.parameter import copy_into, register_param, set_weight_attrs
+from pymllm_fx.layers.parameter import copy_into, holds_values, register_param, set_weight_attrs
 from pymllm_fx.layers.quantize_base import QuantizeMethodBase
 
 # What a transformers experts module says about itself (set by ``@use_experts_implementation``).
@@ -99,10 +99,6 @@ def expert_shape(module: nn.Module):
     num = int(down.shape[0])
     hidden, inter = (int(down.shape[2]), int(down.shape[1])) if module.is_transposed else (int(down.shape[1]), int(down.shape[2]))
     return num, hidden, inter
-
-
-def _plain_float(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _stacked_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
@@ -189,7 +185,7 @@ class FusedMoE(nn.Module):
         params = {name: p for name, p in self._parameters.items() if p is not None}
         eight_bit = any(p.element_size() == 1 for p in params.values())
         fixed = {id(p) for name, p in params.items()
-                 if not _plain_float(p) or (eight_bit and name.endswith("_scales"))}
+                 if not holds_values(p) or (eight_bit and name.endswith("_scales"))}
 
         def cast(t):
             out = fn(t)

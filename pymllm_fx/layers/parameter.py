@@ -18,6 +18,12 @@ import torch
 _PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def holds_values(t: torch.Tensor) -> bool:
+    """A float tensor of the model's dtype family, which a cast (``.half()``) may change; not stored
+    codes (integers, fp8)."""
+    return t.dtype in _PLAIN_FLOATS
+
+
 def set_weight_attrs(weight: torch.Tensor, weight_attrs: Optional[Dict[str, Any]]) -> None:
     """Attach loading metadata to a parameter; refuses to overwrite an attribute it already has."""
     if weight_attrs is None:
