@@ -235,21 +235,30 @@ def run_experts(layer: FusedMoE, x: torch.Tensor, topk_ids: torch.Tensor, topk_w
     return out.view(tokens, k, out.shape[-1]).float().sum(dim=1).to(x.dtype)
 
 
+# A transformers experts module's stacked tensors and the FusedMoE parameters they fill.
+STACKED_NAMES = {"gate_up_proj": "w13_weight", "up_proj": "w13_weight", "down_proj": "w2_weight",
+                 "gate_up_proj_bias": "w13_bias", "up_proj_bias": "w13_bias", "down_proj_bias": "w2_bias"}
+
+
 def own_expert_tensors(experts: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> Dict[str, torch.Tensor]:
     """The float tensors of a transformers experts module under ``FusedMoE``'s names and layout,
     this rank's share of them under tensor parallelism."""
     first = "gate_up_proj" if experts.has_gate else "up_proj"
+    leaves = [first, "down_proj"] + ([first + "_bias", "down_proj_bias"] if experts.has_bias else [])
+    return {STACKED_NAMES[leaf]: stacked_in_layout(experts, leaf, getattr(experts, leaf).detach(), tp_rank, tp_size)
+            for leaf in leaves}
 
-    def layout(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().transpose(1, 2) if experts.is_transposed else t.detach()
 
-    up, down = layout(getattr(experts, first)), layout(experts.down_proj)
-    out = {"w13_weight": _rank_rows(experts, up, tp_rank, tp_size),
-           "w2_weight": down.chunk(tp_size, dim=2)[tp_rank] if tp_size > 1 else down}
-    if experts.has_bias:
-        out["w13_bias"] = _rank_rows(experts, getattr(experts, first + "_bias").detach(), tp_rank, tp_size)
-        out["w2_bias"] = experts.down_proj_bias.detach()
-    return out
+def stacked_in_layout(experts: nn.Module, leaf: str, t: torch.Tensor, tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
+    """The experts module's stacked tensor ``leaf`` (``gate_up_proj``, ``up_proj``, ``down_proj`` or
+    their ``_bias``), as the module or a checkpoint stores it, in ``FusedMoE``'s layout: rows are
+    output features (transposed when ``is_transposed``), cut to this rank's share."""
+    if leaf.endswith("_bias"):
+        return t if leaf.startswith("down") else _rank_rows(experts, t, tp_rank, tp_size)
+    t = t.transpose(1, 2) if experts.is_transposed else t
+    if leaf == "down_proj":
+        return t.chunk(tp_size, dim=2)[tp_rank] if tp_size > 1 else t
+    return _rank_rows(experts, t, tp_rank, tp_size)
 
 
 def _rank_rows(experts: nn.Module, t: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:

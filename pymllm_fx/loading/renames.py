@@ -17,12 +17,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from pymllm_fx.layers.fused_moe import STACKED_NAMES, stacked_in_layout
 from pymllm_fx.loading.loader import LoadTarget
 from pymllm_fx.loading.safetensors_io import CheckpointError
 
 _EXPERT = re.compile(r"experts\.(\d+)\.")
-_STACKED = {"gate_up_proj": "w13_weight", "up_proj": "w13_weight", "down_proj": "w2_weight",
-            "gate_up_proj_bias": "w13_bias", "up_proj_bias": "w13_bias", "down_proj_bias": "w2_bias"}
 
 
 def _rules(model: nn.Module):
@@ -68,15 +67,15 @@ def checkpoint_targets(model: nn.Module, targets: Dict[str, LoadTarget], names: 
             rename, renamings, converters = rules
             new, source = rename(name, renamings, converters)
         path, _, leaf = new.rpartition(".")
-        param_name = _STACKED.get(leaf)
+        param_name = STACKED_NAMES.get(leaf)
         stem, _, suffix = name.rpartition(".")
         if rules is not None and source is None and suffix != "weight" and (path not in experts or not param_name):
             # a quantized projection (experts.3.w1.qweight): named as its ".weight" would be
             base, base_source = rename(f"{stem}.weight", renamings, converters)
             base_path, _, base_leaf = base.rpartition(".")
-            if base_source is not None and base_path in experts and base_leaf in _STACKED:
+            if base_source is not None and base_path in experts and base_leaf in STACKED_NAMES:
                 new, source, path, leaf = base, base_source, base_path, base_leaf
-                param_name = _STACKED[leaf].replace("weight", suffix)
+                param_name = STACKED_NAMES[leaf].replace("weight", suffix)
         converter = None if source is None else next(
             c for c in rules[2] if source in getattr(c, "_original_source_patterns", ()))
         if path in experts and param_name:
@@ -159,17 +158,7 @@ def _expert_target(name: str, path: str, leaf: str, param_name: str, layer, modu
         raise CheckpointError(f"{name}: {path} has no {param_name} for this checkpoint's {leaf}")
     rank, size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
     if source is None:  # the whole stack, as the module stores it
-        def whole(t: torch.Tensor) -> torch.Tensor:
-            from pymllm_fx.layers.fused_moe import _rank_rows
-
-            if leaf.endswith("_bias"):
-                return t if leaf.startswith("down") else _rank_rows(module, t, rank, size)
-            t = t.transpose(1, 2) if module.is_transposed else t
-            if leaf == "down_proj":
-                return t.chunk(size, dim=2)[rank] if size > 1 else t
-            return _rank_rows(module, t, rank, size)
-
-        return LoadTarget(param, transform=whole, owner=path)
+        return LoadTarget(param, transform=lambda t: stacked_in_layout(module, leaf, t, rank, size), owner=path)
     ops = [type(op).__name__ for op in converter.operations]
     sources = list(converter._original_source_patterns)
     if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or leaf.endswith("_bias") or \
