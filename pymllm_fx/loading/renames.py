@@ -22,6 +22,8 @@ from pymllm_fx.loading.loader import LoadTarget
 from pymllm_fx.loading.safetensors_io import CheckpointError
 
 _EXPERT = re.compile(r"experts\.(\d+)\.")
+# The conversions that stack per-expert tensors as they are (transformers' operation names).
+_MERGES = (["MergeModulelist"], ["MergeModulelist", "Concatenate"])
 
 
 def _rules(model: nn.Module):
@@ -124,19 +126,27 @@ def _sources_of(stacked: str, rules) -> List[str]:
 
 def _float_expert_target(name: str, new: str, targets: Dict[str, LoadTarget], source: str, converter) -> LoadTarget:
     """One expert's projection into the stacked float tensor of an experts module that stays float."""
-    ops = [type(op).__name__ for op in converter.operations]
     whole = targets[new]
-    if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]):
-        raise CheckpointError(f"{name}: transformers merges it into {new} by {' + '.join(ops)}, which pymllm_fx "
-                              f"does not convert; load the model with transformers and call quantize(model, method)")
+    param, sources = whole.param, converter._original_source_patterns
+    slot = _expert_slot(name, new, converter, source, param.shape[0], param.shape[1] // len(sources))
+    return LoadTarget(param, shard_id=slot, owner=whole.owner, numel=param[0].numel() // len(sources))
+
+
+def _expert_slot(name: str, stack: str, converter, source: str, num_experts: int, rows: int,
+                 convertible: bool = True) -> Tuple[int, int]:
+    """``(expert, first row)`` that one expert's projection ``name`` fills in the stacked tensor
+    ``stack``: transformers stacks the experts in order (MergeModulelist) and concatenates their
+    projections (Concatenate), ``rows`` rows each. Any other conversion, or one the caller cannot
+    place (``convertible=False``), is refused."""
+    ops = [type(op).__name__ for op in converter.operations]
+    if ops not in _MERGES or not convertible:
+        raise CheckpointError(
+            f"{name}: transformers merges it into {stack} by {' + '.join(ops)}, a layout pymllm_fx does not "
+            f"convert per expert; load the model with transformers and call quantize(model, method)")
     found = _EXPERT.search(name)
-    sources = list(converter._original_source_patterns)
-    param = whole.param
-    if found is None or int(found.group(1)) >= param.shape[0]:
-        raise CheckpointError(f"{name}: no expert {found.group(1) if found else '?'} in {new} ({param.shape[0]} experts)")
-    rows = param.shape[1] // len(sources)
-    return LoadTarget(param, shard_id=(int(found.group(1)), sources.index(source) * rows), owner=whole.owner,
-                      numel=param[0].numel() // len(sources))
+    if found is None or int(found.group(1)) >= num_experts:
+        raise CheckpointError(f"{name}: no expert {found.group(1) if found else '?'} in {stack} ({num_experts} experts)")
+    return int(found.group(1)), list(converter._original_source_patterns).index(source) * rows
 
 
 def _required_roles(layer, module) -> Dict[str, List[Tuple[str, int]]]:
@@ -159,28 +169,17 @@ def _expert_target(name: str, path: str, leaf: str, param_name: str, layer, modu
     rank, size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
     if source is None:  # the whole stack, as the module stores it
         return LoadTarget(param, transform=lambda t: stacked_in_layout(module, leaf, t, rank, size), owner=path)
-    ops = [type(op).__name__ for op in converter.operations]
-    sources = list(converter._original_source_patterns)
-    if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or leaf.endswith("_bias") or \
-            module.is_transposed or (len(sources) == 2 and not getattr(module, "is_concatenated", True)):
-        raise CheckpointError(
-            f"{name}: transformers merges it into {path}.{leaf} by {' + '.join(ops)}, a layout pymllm_fx does not "
-            f"convert per expert yet; load the model with transformers and call quantize(model, method)")
-    found = _EXPERT.search(name)
-    if found is None:
-        raise CheckpointError(f"{name}: a per-expert tensor of {path} without an expert index")
-    expert = int(found.group(1))
-    if expert >= layer.num_experts:
-        raise CheckpointError(f"{name}: expert {expert}, but {path} holds {layer.num_experts} experts")
-    role = sources.index(source)
-    offset = role * layer.intermediate_size_per_partition
+    sources = converter._original_source_patterns
+    convertible = not (leaf.endswith("_bias") or module.is_transposed or
+                       (len(sources) == 2 and not getattr(module, "is_concatenated", True)))
+    slot = _expert_slot(name, f"{path}.{leaf}", converter, source, layer.num_experts,
+                        layer.intermediate_size_per_partition, convertible)
     if not param_name.endswith("_weight"):  # a quantized tensor in its checkpoint layout (unsplit)
-        return LoadTarget(param, shard_id=(expert, offset), owner=path, numel=param[0].numel() // len(sources))
+        return LoadTarget(param, shard_id=slot, owner=path, numel=param[0].numel() // len(sources))
     if leaf == "down_proj":
         def cut(t: torch.Tensor) -> torch.Tensor:  # (hidden, intermediate): this rank's columns
             return t.chunk(size, dim=1)[rank] if size > 1 else t
     else:
         def cut(t: torch.Tensor) -> torch.Tensor:  # (intermediate, hidden): this rank's rows
             return t.chunk(size, dim=0)[rank] if size > 1 else t
-    return LoadTarget(param, shard_id=(expert, offset), transform=cut, owner=path,
-                      numel=param[0].numel() // len(sources))
+    return LoadTarget(param, shard_id=slot, transform=cut, owner=path, numel=param[0].numel() // len(sources))
