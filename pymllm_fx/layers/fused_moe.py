@@ -26,7 +26,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-from pymllm_fx.layers.parameter import copy_into, holds_values, register_param, set_weight_attrs
+from pymllm_fx.layers.parameter import holds_values, load_expert, register_param, set_weight_attrs
 from pymllm_fx.layers.quantize_base import QuantizeMethodBase
 
 # What a transformers experts module says about itself (set by ``@use_experts_implementation``).
@@ -101,15 +101,6 @@ def expert_shape(module: nn.Module):
     return num, hidden, inter
 
 
-def _stacked_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-    """The whole stack, or with ``shard_id = (expert, first row)`` one expert's rows of it."""
-    if shard_id is None:
-        copy_into(param.data, loaded)
-    else:
-        expert, row = shard_id
-        copy_into(param.data[expert, row:row + loaded.shape[0]], loaded)
-
-
 class FusedMoE(nn.Module):
     """The experts of one MoE block, run by ``quant_method`` (a ``FusedMoEMethodBase``)."""
 
@@ -141,12 +132,12 @@ class FusedMoE(nn.Module):
         self.quant_method = quant_method
         self._gate: Optional[Callable] = None  # the replaced class's _apply_gate, called with this layer
         quant_method.create_weights(self, num_experts, hidden_size, intermediate_size, params_dtype,
-                                    weight_loader=_stacked_loader)
+                                    weight_loader=load_expert)
         rows = (2 if has_gate else 1) * intermediate_size
         for name, size in (("w13_bias", rows), ("w2_bias", hidden_size)):
             if has_bias:
                 register_param(self, name, torch.empty(num_experts, size, dtype=params_dtype), {"output_dim": 1},
-                               {"weight_loader": _stacked_loader})
+                               {"weight_loader": load_expert})
             else:
                 self.register_parameter(name, None)
 
