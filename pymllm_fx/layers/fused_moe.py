@@ -26,7 +26,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-from pymllm_fx.layers.parameter import holds_values, load_expert, register_param, set_weight_attrs
+from pymllm_fx.layers.parameter import holds_values, load_expert, register_param, replace_parameters, set_weight_attrs
 from pymllm_fx.layers.quantize_base import QuantizeMethodBase
 
 # What a transformers experts module says about itself (set by ``@use_experts_implementation``).
@@ -293,29 +293,39 @@ def expert_chunks(num_experts: int, rows: int, cols: int, budget: int = 1 << 26)
     return [slice(i, min(i + step, num_experts)) for i in range(0, num_experts, step)]
 
 
-def quantize_experts_8bit(layer: nn.Module, quantize_rows) -> None:
-    """Replace ``w13_weight`` / ``w2_weight`` by 8-bit codes ``(E, N, K)`` and float32 scales ``(E, N)``,
-    ``quantize_rows`` mapping ``(rows, K)`` float to (codes, per-row scales): int8 and fp8 experts."""
-    from pymllm_fx.layers.parameter import replace_parameters
-    from pymllm_fx.methods.common import check_finite
+class EightBitMoEMethod(FusedMoEMethodBase):
+    """Experts calibrated from float weights into 8-bit codes ``(E, N, K)`` with one float32 scale
+    per row ``(E, N)``, run by ``moe_w8`` with 16-bit activations: int8 and fp8 differ only in
+    :meth:`quantize_rows`."""
 
-    for which in ("w13", "w2"):
-        weight = getattr(layer, which + "_weight").data
-        check_finite(getattr(layer, "prefix", "") or "experts", which + "_weight", weight)
-        experts, n, k = weight.shape
-        codes, scales = [], []
-        for part in expert_chunks(experts, n, k):
-            q, s = quantize_rows(weight[part].reshape(-1, k))
-            codes.append(q.view(-1, n, k))
-            scales.append(s.float().view(-1, n))
-        replace_parameters(layer, (which + "_weight",), {which + "_qweight": torch.cat(codes),
-                                                         which + "_scales": torch.cat(scales)})
+    @abstractmethod
+    def quantize_rows(self, rows: torch.Tensor):
+        """``(R, K)`` float -> (8-bit codes ``(R, K)``, per-row scales ``(R,)``)."""
+        raise NotImplementedError
 
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs: Any) -> None:
+        create_float_experts(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                             extra_weight_attrs)
 
-def run_8bit_experts(layer: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """int8 / e4m3 experts with per-row float32 scales, through ``moe_w8``."""
-    def gemm(inputs, which, ids, weights):
-        return torch.ops.pymllm_fx.moe_w8(inputs, getattr(layer, which + "_qweight"),
-                                          getattr(layer, which + "_scales"), 0, 0, ids, weights)
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        from pymllm_fx.methods.common import check_finite  # layers/ is imported by methods/, not the reverse
 
-    return run_experts(layer, x, topk_ids, topk_weights, gemm)
+        for which in ("w13", "w2"):
+            weight = getattr(layer, which + "_weight").data
+            check_finite(getattr(layer, "prefix", "") or "experts", which + "_weight", weight)
+            experts, n, k = weight.shape
+            codes, scales = [], []
+            for part in expert_chunks(experts, n, k):
+                q, s = self.quantize_rows(weight[part].reshape(-1, k))
+                codes.append(q.view(-1, n, k))
+                scales.append(s.float().view(-1, n))
+            replace_parameters(layer, (which + "_weight",), {which + "_qweight": torch.cat(codes),
+                                                             which + "_scales": torch.cat(scales)})
+
+    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
+        def gemm(inputs, which, ids, weights):
+            return torch.ops.pymllm_fx.moe_w8(inputs, getattr(layer, which + "_qweight"),
+                                              getattr(layer, which + "_scales"), 0, 0, ids, weights)
+
+        return run_experts(layer, x, topk_ids, topk_weights, gemm)
