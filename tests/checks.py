@@ -30,9 +30,9 @@ def build_layer(method, k: int, n: int, tensors: dict, bias=None, dtype=torch.fl
     return layer
 
 
-def spawn_ranks(worker, world: int, *args) -> None:
-    """Run ``worker(rank, world, port, *args, errors)`` in ``world`` spawned processes (gloo tests) and
-    fail with every rank's traceback that the workers put on ``errors``."""
+def spawn_ranks(body, world: int, *args) -> None:
+    """Run ``body(rank, world, *args)`` in ``world`` spawned processes joined in a gloo process group
+    (one thread each; a barrier after the body) and fail with every rank's traceback."""
     import socket
 
     import torch.multiprocessing as mp
@@ -42,8 +42,28 @@ def spawn_ranks(worker, world: int, *args) -> None:
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
-    mp.start_processes(worker, args=(world, port, *args, errors), nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(_rank, args=(body, world, port, args, errors), nprocs=world, join=True, start_method="spawn")
     problems = []
     while not errors.empty():
         problems.append(errors.get())
     assert not problems, "\n".join(problems)
+
+
+def _rank(rank: int, body, world: int, port: int, args: tuple, errors) -> None:
+    """One spawned rank of :func:`spawn_ranks`: its traceback goes on ``errors``, the group is torn down."""
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        body(rank, world, *args)
+        dist.barrier()
+    except BaseException:
+        errors.put(f"rank {rank}/{world}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -4,12 +4,9 @@ dimension splits over the ranks, and the sharded model gives the unsharded quant
 from __future__ import annotations
 
 import copy
-import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import pymllm_fx
 from pymllm_fx.layers.fused_moe import FusedMoE
@@ -49,30 +46,20 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
-def _worker(rank: int, world: int, port: int, expected: dict, errors) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        torch.set_num_threads(1)
-        for arch in MODELS:
-            for name, method in METHODS.items():
-                model = pymllm_fx.quantize(build(arch), method, progress=False)
-                experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
-                assert len(experts) == 2 and all(m.tp_size == world for m in experts)
-                layer = experts[0]
-                if name == "int4":
-                    assert tuple(layer.w13_qweight.shape) == (4, 2 * 64 // world, 64 // 8)
-                    assert tuple(layer.w2_qweight.shape) == (4, 64, 64 // world // 8)
-                with torch.no_grad():
-                    logits = model(ids()).logits
-                err = rel_err(logits, expected[arch, name])
-                assert err <= TOL[name], f"{arch} {name}: tp={world} logits differ from tp=1 by {err:.2e}"
-        dist.barrier()
-    except BaseException:
-        errors.put(f"rank {rank}/{world}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _ranks(rank: int, world: int, expected: dict) -> None:
+    for arch in MODELS:
+        for name, method in METHODS.items():
+            model = pymllm_fx.quantize(build(arch), method, progress=False)
+            experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+            assert len(experts) == 2 and all(m.tp_size == world for m in experts)
+            layer = experts[0]
+            if name == "int4":
+                assert tuple(layer.w13_qweight.shape) == (4, 2 * 64 // world, 64 // 8)
+                assert tuple(layer.w2_qweight.shape) == (4, 64, 64 // world // 8)
+            with torch.no_grad():
+                logits = model(ids()).logits
+            err = rel_err(logits, expected[arch, name])
+            assert err <= TOL[name], f"{arch} {name}: tp={world} logits differ from tp=1 by {err:.2e}"
 
 
 def test_experts_split_over_two_ranks_match_one_rank():
@@ -82,7 +69,7 @@ def test_experts_split_over_two_ranks_match_one_rank():
             for name, method in METHODS.items():
                 model = pymllm_fx.quantize(build(arch), method, progress=False)
                 expected[arch, name] = model(ids()).logits
-    spawn_ranks(_worker, 2, expected)
+    spawn_ranks(_ranks, 2, expected)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
