@@ -137,19 +137,20 @@ def quantize(
     expert_plan, expert_reasons = _plan_experts(model, matmul_params, quant_method, skip, tp, weights, strict)
     if shard_init is not None:
         _check_shard_init(quant_method, weights, device, expert_plan)
+    headers = None
     if weights is not None:
-        _check_fits(model, dry, checkpoint_tensors(weights), weights,
-                    {path: (_build_experts(path, m, quant_method.experts_method(), "meta", tp), m)
-                     for path, m in expert_plan.items()})
+        headers = checkpoint_tensors(weights)  # read once: checked against the model here, loaded below
+        _check_fits(model, dry, headers, weights, expert_plan)
     build = functools.partial(_build_layer, quant_method=quant_method, device=device, tp=tp)
     if weights is None:
         layers = _quantize_own_weights(model, plan, build, progress, shard_init)
-        expert_layers = _quantize_own_experts(model, expert_plan, quant_method, device, progress, tp)
+        expert_layers = _quantize_own_experts(model, {path: m for path, (_, m) in expert_plan.items()}, quant_method,
+                                              device, progress, tp)
     else:
         layers = {site.path: build(site) for site in plan}
         experts = {path: (_build_experts(path, m, quant_method.experts_method(), device, tp), m)
-                   for path, m in expert_plan.items()}
-        _load_checkpoint(model, layers, weights, progress, device, experts)  # processes the experts too
+                   for path, (_, m) in expert_plan.items()}
+        _load_checkpoint(model, layers, weights, headers, progress, device, experts)  # processes the experts too
         expert_layers = {}
         for path, (layer, module) in experts.items():
             layer.adopt(module)
@@ -170,10 +171,11 @@ def quantize(
 
 
 def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_method, skip, tp: "TensorParallel",
-                  weights, strict: bool) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
-    """The experts modules to replace (path -> module) and why the others stay float. The graph
-    found them (3-D weights multiplied one expert slice at a time); the module's own flags say how
-    it computes, so no model is named here."""
+                  weights, strict: bool) -> Tuple[Dict[str, Tuple[FusedMoE, nn.Module]], Dict[str, str]]:
+    """The experts modules to replace (path -> (its FusedMoE built on meta, the module)) and why the
+    others stay float. The graph found them (3-D weights multiplied one expert slice at a time); the
+    module's own flags say how it computes, so no model is named here. The meta layers surface the
+    method's refusals now and are what a checkpoint's headers are checked against."""
     owners: Dict[str, List[LinearSite]] = {}
     for site in matmul_params:
         if site.experts:
@@ -195,7 +197,7 @@ def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_metho
                 f"not load yet; load the float model and call quantize(model, 'int4' | 'int8' | 'fp8') instead")
         if why is None:
             try:
-                _build_experts(path, module, make_method(), "meta", tp)
+                plan[path] = (_build_experts(path, module, make_method(), "meta", tp), module)
             except ValueError as err:
                 if strict or tp.size > 1:
                     raise
@@ -203,8 +205,6 @@ def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_metho
         if why:
             for site in found:
                 reasons[site.param] = f"{site.reason}; it stays float: {why}"
-        else:
-            plan[path] = module
     return plan, reasons
 
 
@@ -433,9 +433,8 @@ def explain_checkpoint(
     model, quant_method, skip, tensors = _open_checkpoint(path, method, None, skip)
     sites = find_linears(model)
     dry = {site.path: _build_layer(site, quant_method, "meta") for site in sites if skip_reason(site, skip) is None}
-    expert_plan, _ = _plan_experts(model, [s for s in sites if s.param], quant_method, skip, TensorParallel(), path,
-                                   strict=False)
-    experts = {p: (_build_experts(p, m, quant_method.experts_method(), "meta"), m) for p, m in expert_plan.items()}
+    experts, _ = _plan_experts(model, [s for s in sites if s.param], quant_method, skip, TensorParallel(), path,
+                               strict=False)
     _check_fits(model, dry, tensors, path, experts)
     report = Explanation()
     named = dict(model.named_parameters(remove_duplicate=False))
@@ -690,11 +689,13 @@ def _load_checkpoint(
     model: nn.Module,
     layers: Dict[str, nn.Module],
     weights: Union[str, Path],
+    headers: Dict[str, Any],
     progress: bool,
     device: Optional[Union[str, torch.device]] = None,
     experts: Optional[Dict[str, Tuple[nn.Module, nn.Module]]] = None,
 ) -> None:
-    """Load every tensor of the model from a checkpoint; the model's own tensors are staged until all fit.
+    """Load every tensor of the model from a checkpoint (``headers``: its ``checkpoint_tensors``); the
+    model's own tensors are staged until all fit.
 
     Tensors still on ``meta`` (a model built without weights) are staged on ``device`` and become
     the model's parameters at the end; real ones are copied in place, keeping their device.
@@ -721,7 +722,7 @@ def _load_checkpoint(
         if name.rpartition(".")[0] not in replaced:
             # Buffers computed at construction (non-persistent) may still be in old checkpoints.
             stage(name, buffer, required=_is_persistent(model, name) and buffer.device.type == "meta", finite=False)
-    targets.update(checkpoint_targets(model, targets, checkpoint_tensors(weights), experts))
+    targets.update(checkpoint_targets(model, targets, headers, experts))
     seen = set()
     stream = tqdm(iter_weights(weights), desc="loading", unit="tensor", disable=not progress)
     try:

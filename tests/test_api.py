@@ -50,3 +50,33 @@ def test_default_skip_leaves_the_whole_output_head_float():
     assert type(model.roberta.encoder.layer[0].attention.self.query) is not torch.nn.Linear
     rows = {row.path: row for row in pymllm_fx.explain(model, file=None).rows}
     assert "inside lm_head" in rows["lm_head.dense"].detail
+
+
+def test_a_checkpoint_is_read_once_and_each_experts_layer_built_once_on_meta(tmp_path, monkeypatch):
+    """quantize(weights=) reads the headers once (checked, then loaded) and builds each experts layer
+    once on meta (the dry run whose layers the headers are checked against)."""
+    import pymllm_fx.api as api
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        num_local_experts=4, num_experts_per_tok=2)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path)
+    calls = {"headers": 0, "meta experts": 0}
+    read, build = api.checkpoint_tensors, api._build_experts
+
+    def counted_read(path):
+        calls["headers"] += 1
+        return read(path)
+
+    def counted_build(path, module, method, device, *args):
+        calls["meta experts"] += str(device) == "meta"
+        return build(path, module, method, device, *args)
+
+    monkeypatch.setattr(api, "checkpoint_tensors", counted_read)
+    monkeypatch.setattr(api, "_build_experts", counted_build)
+    model = transformers.MixtralForCausalLM(config).eval()
+    with pytest.warns(UserWarning):  # the routers' weights stay float
+        pymllm_fx.quantize(model, "int8", weights=tmp_path, progress=False)
+    assert calls == {"headers": 1, "meta experts": 2}

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pymllm_fx.layers.all_reduce import AllReduce, all_reduce
-from pymllm_fx.layers.parameter import copy_into, register_param, set_weight_attrs
+from pymllm_fx.layers.parameter import holds_values, load_expert, register_param, replace_parameters, set_weight_attrs
 from pymllm_fx.layers.quantize_base import QuantizeMethodBase
 
 # What a transformers experts module says about itself (set by ``@use_experts_implementation``).
@@ -101,19 +101,6 @@ def expert_shape(module: nn.Module):
     return num, hidden, inter
 
 
-def _plain_float(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _stacked_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-    """The whole stack, or with ``shard_id = (expert, first row)`` one expert's rows of it."""
-    if shard_id is None:
-        copy_into(param.data, loaded)
-    else:
-        expert, row = shard_id
-        copy_into(param.data[expert, row:row + loaded.shape[0]], loaded)
-
-
 class FusedMoE(nn.Module):
     """The experts of one MoE block, run by ``quant_method`` (a ``FusedMoEMethodBase``)."""
 
@@ -147,12 +134,12 @@ class FusedMoE(nn.Module):
         self.quant_method = quant_method
         self._gate: Optional[Callable] = None  # the replaced class's _apply_gate, called with this layer
         quant_method.create_weights(self, num_experts, hidden_size, intermediate_size, params_dtype,
-                                    weight_loader=_stacked_loader)
+                                    weight_loader=load_expert)
         rows = (2 if has_gate else 1) * intermediate_size
         for name, size in (("w13_bias", rows), ("w2_bias", hidden_size)):
             if has_bias:
                 register_param(self, name, torch.empty(num_experts, size, dtype=params_dtype), {"output_dim": 1},
-                               {"weight_loader": _stacked_loader})
+                               {"weight_loader": load_expert})
             else:
                 self.register_parameter(name, None)
 
@@ -191,7 +178,7 @@ class FusedMoE(nn.Module):
         params = {name: p for name, p in self._parameters.items() if p is not None}
         eight_bit = any(p.element_size() == 1 for p in params.values())
         fixed = {id(p) for name, p in params.items()
-                 if not _plain_float(p) or (eight_bit and name.endswith("_scales"))}
+                 if not holds_values(p) or (eight_bit and name.endswith("_scales"))}
 
         def cast(t):
             out = fn(t)
@@ -241,21 +228,30 @@ def run_experts(layer: FusedMoE, x: torch.Tensor, topk_ids: torch.Tensor, topk_w
     return out.view(tokens, k, out.shape[-1]).float().sum(dim=1).to(x.dtype)
 
 
+# A transformers experts module's stacked tensors and the FusedMoE parameters they fill.
+STACKED_NAMES = {"gate_up_proj": "w13_weight", "up_proj": "w13_weight", "down_proj": "w2_weight",
+                 "gate_up_proj_bias": "w13_bias", "up_proj_bias": "w13_bias", "down_proj_bias": "w2_bias"}
+
+
 def own_expert_tensors(experts: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> Dict[str, torch.Tensor]:
     """The float tensors of a transformers experts module under ``FusedMoE``'s names and layout,
     this rank's share of them under tensor parallelism."""
     first = "gate_up_proj" if experts.has_gate else "up_proj"
+    leaves = [first, "down_proj"] + ([first + "_bias", "down_proj_bias"] if experts.has_bias else [])
+    return {STACKED_NAMES[leaf]: stacked_in_layout(experts, leaf, getattr(experts, leaf).detach(), tp_rank, tp_size)
+            for leaf in leaves}
 
-    def layout(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().transpose(1, 2) if experts.is_transposed else t.detach()
 
-    up, down = layout(getattr(experts, first)), layout(experts.down_proj)
-    out = {"w13_weight": _rank_rows(experts, up, tp_rank, tp_size),
-           "w2_weight": down.chunk(tp_size, dim=2)[tp_rank] if tp_size > 1 else down}
-    if experts.has_bias:
-        out["w13_bias"] = _rank_rows(experts, getattr(experts, first + "_bias").detach(), tp_rank, tp_size)
-        out["w2_bias"] = experts.down_proj_bias.detach()
-    return out
+def stacked_in_layout(experts: nn.Module, leaf: str, t: torch.Tensor, tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
+    """The experts module's stacked tensor ``leaf`` (``gate_up_proj``, ``up_proj``, ``down_proj`` or
+    their ``_bias``), as the module or a checkpoint stores it, in ``FusedMoE``'s layout: rows are
+    output features (transposed when ``is_transposed``), cut to this rank's share."""
+    if leaf.endswith("_bias"):
+        return t if leaf.startswith("down") else _rank_rows(experts, t, tp_rank, tp_size)
+    t = t.transpose(1, 2) if experts.is_transposed else t
+    if leaf == "down_proj":
+        return t.chunk(tp_size, dim=2)[tp_rank] if tp_size > 1 else t
+    return _rank_rows(experts, t, tp_rank, tp_size)
 
 
 def _rank_rows(experts: nn.Module, t: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -299,29 +295,39 @@ def expert_chunks(num_experts: int, rows: int, cols: int, budget: int = 1 << 26)
     return [slice(i, min(i + step, num_experts)) for i in range(0, num_experts, step)]
 
 
-def quantize_experts_8bit(layer: nn.Module, quantize_rows) -> None:
-    """Replace ``w13_weight`` / ``w2_weight`` by 8-bit codes ``(E, N, K)`` and float32 scales ``(E, N)``,
-    ``quantize_rows`` mapping ``(rows, K)`` float to (codes, per-row scales): int8 and fp8 experts."""
-    from pymllm_fx.layers.parameter import replace_parameters
-    from pymllm_fx.methods.common import check_finite
+class EightBitMoEMethod(FusedMoEMethodBase):
+    """Experts calibrated from float weights into 8-bit codes ``(E, N, K)`` with one float32 scale
+    per row ``(E, N)``, run by ``moe_w8`` with 16-bit activations: int8 and fp8 differ only in
+    :meth:`quantize_rows`."""
 
-    for which in ("w13", "w2"):
-        weight = getattr(layer, which + "_weight").data
-        check_finite(getattr(layer, "prefix", "") or "experts", which + "_weight", weight)
-        experts, n, k = weight.shape
-        codes, scales = [], []
-        for part in expert_chunks(experts, n, k):
-            q, s = quantize_rows(weight[part].reshape(-1, k))
-            codes.append(q.view(-1, n, k))
-            scales.append(s.float().view(-1, n))
-        replace_parameters(layer, (which + "_weight",), {which + "_qweight": torch.cat(codes),
-                                                         which + "_scales": torch.cat(scales)})
+    @abstractmethod
+    def quantize_rows(self, rows: torch.Tensor):
+        """``(R, K)`` float -> (8-bit codes ``(R, K)``, per-row scales ``(R,)``)."""
+        raise NotImplementedError
 
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs: Any) -> None:
+        create_float_experts(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                             extra_weight_attrs)
 
-def run_8bit_experts(layer: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """int8 / e4m3 experts with per-row float32 scales, through ``moe_w8``."""
-    def gemm(inputs, which, ids, weights):
-        return torch.ops.pymllm_fx.moe_w8(inputs, getattr(layer, which + "_qweight"),
-                                          getattr(layer, which + "_scales"), 0, 0, ids, weights)
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        from pymllm_fx.methods.common import check_finite  # layers/ is imported by methods/, not the reverse
 
-    return run_experts(layer, x, topk_ids, topk_weights, gemm)
+        for which in ("w13", "w2"):
+            weight = getattr(layer, which + "_weight").data
+            check_finite(getattr(layer, "prefix", "") or "experts", which + "_weight", weight)
+            experts, n, k = weight.shape
+            codes, scales = [], []
+            for part in expert_chunks(experts, n, k):
+                q, s = self.quantize_rows(weight[part].reshape(-1, k))
+                codes.append(q.view(-1, n, k))
+                scales.append(s.float().view(-1, n))
+            replace_parameters(layer, (which + "_weight",), {which + "_qweight": torch.cat(codes),
+                                                             which + "_scales": torch.cat(scales)})
+
+    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
+        def gemm(inputs, which, ids, weights):
+            return torch.ops.pymllm_fx.moe_w8(inputs, getattr(layer, which + "_qweight"),
+                                              getattr(layer, which + "_scales"), 0, 0, ids, weights)
+
+        return run_experts(layer, x, topk_ids, topk_weights, gemm)

@@ -16,18 +16,9 @@ from torch import nn
 from torch.nn import Parameter
 
 from pymllm_fx.layers.all_reduce import AllReduce, all_reduce
-from pymllm_fx.layers.parameter import copy_into, narrow_for_rank, set_weight_attrs, stored_size
+from pymllm_fx.layers.parameter import copy_into, holds_values, narrow_for_rank, set_weight_attrs, stored_size
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
 from pymllm_fx.layers.siblings import fuse_again_after_move
-
-
-_CODE_FLOATS = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                     if hasattr(torch, name))
-
-
-def _holds_values(t: torch.Tensor) -> bool:
-    """A float tensor of the model's dtype family (not stored codes: integers or fp8)."""
-    return t.is_floating_point() and t.dtype not in _CODE_FLOATS
 
 
 def _divide(numerator: int, denominator: int, what: str, prefix: str) -> int:
@@ -122,10 +113,10 @@ class LinearBase(nn.Module):
         them in float32). Scales and zero points that the new dtype cannot hold (a value that would
         overflow or flush to zero) stay in their dtype, with a warning; the kernels read either."""
         params = {n: p for n, p in self._parameters.items() if p is not None}
-        fp8_layer = any(p.dtype in _CODE_FLOATS for p in params.values())
+        fp8_layer = any(p.is_floating_point() and not holds_values(p) for p in params.values())
         keep, new_dtype, lossy = set(), None, []
         for name, param in params.items():
-            if not _holds_values(param):
+            if not holds_values(param):
                 continue
             if fp8_layer and param.dtype == torch.float32 and name != "bias":
                 keep.add(name)
@@ -138,14 +129,14 @@ class LinearBase(nn.Module):
                 if name != "bias" and bool(((torch.isfinite(param) & ~torch.isfinite(out)) | ((param != 0) & (out == 0))).any()):
                     lossy.append(name)
         if lossy:  # keep the group together: the ops need scales and zero points in one dtype
-            keep |= {n for n, p in params.items() if _holds_values(p) and n != "bias" and p.dim() > 0}
+            keep |= {n for n, p in params.items() if holds_values(p) and n != "bias" and p.dim() > 0}
             warnings.warn(f"pymllm_fx: {self.prefix or type(self).__name__} keeps {sorted(keep)} in "
                           f"{params[lossy[0]].dtype}: {new_dtype} would overflow or flush {lossy} to zero", stacklevel=3)
         kept = {id(params[n]) for n in keep}
 
         def cast(t):
             out = fn(t)
-            if out.dtype != t.dtype and (not _holds_values(t) or id(t) in kept):
+            if out.dtype != t.dtype and (not holds_values(t) or id(t) in kept):
                 return t.to(device=out.device)  # codes (and kept scales) keep their dtype
             return out
 

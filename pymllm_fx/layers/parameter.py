@@ -18,6 +18,12 @@ import torch
 _PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def holds_values(t: torch.Tensor) -> bool:
+    """A float tensor of the model's dtype family, which a cast (``.half()``) may change; not stored
+    codes (integers, fp8)."""
+    return t.dtype in _PLAIN_FLOATS
+
+
 def set_weight_attrs(weight: torch.Tensor, weight_attrs: Optional[Dict[str, Any]]) -> None:
     """Attach loading metadata to a parameter; refuses to overwrite an attribute it already has."""
     if weight_attrs is None:
@@ -98,6 +104,26 @@ def copy_into(target: torch.Tensor, loaded: torch.Tensor) -> None:
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
     """Load a whole tensor, unsharded: norms, embeddings, and parameters no layer owns."""
     copy_into(param.data, loaded_weight)
+
+
+def load_expert(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None, output_dim: Optional[int] = None) -> None:
+    """Weight loader of a stack of per-expert tensors ``(E, ...)``: the whole stack, or with
+    ``shard_id = (expert, first output feature)`` one expert's projection. Its output features run
+    along ``output_dim`` (the parameter's attribute unless given; packed ``packed_factor`` to an
+    element when ``packed_dim`` is that dim); without one (GPTQ's ``g_idx``) the expert's whole slice."""
+    if shard_id is None:
+        copy_into(param.data, loaded)
+        return
+    expert, first = shard_id
+    dim = output_dim if output_dim is not None else getattr(param, "output_dim", None)
+    target = param.data[expert]
+    if dim is not None:
+        if loaded.dim() != target.dim():
+            raise ValueError(f"expected one expert's {target.dim()}-D tensor, found shape {tuple(loaded.shape)}")
+        factor = param.packed_factor if getattr(param, "packed_dim", None) == dim else 1
+        start = first // factor
+        target = target[(slice(None),) * (dim - 1) + (slice(start, start + loaded.shape[dim - 1]),)]
+    copy_into(target, loaded)
 
 
 def register_param(

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.layers.parameter import default_weight_loader
+from pymllm_fx.layers.parameter import default_weight_loader, load_expert
 from pymllm_fx.layers.quantize_base import QuantizeMethodBase
 from pymllm_fx.loading.safetensors_io import CheckpointError
 
@@ -64,9 +64,8 @@ def load_weights(targets: Dict[str, LoadTarget], weights: Iterable[Tuple[str, to
             loader = getattr(target.param, "weight_loader", None)
             if target.shard_id is None:
                 (loader or default_weight_loader)(target.param, tensor)
-            elif loader is None:  # one expert's rows of a stacked tensor: shard_id = (expert, first row)
-                expert, row = target.shard_id
-                default_weight_loader(target.param[expert, row:row + tensor.shape[0]], tensor)
+            elif loader is None:  # one expert's rows of a float stack (E, N, K) left float: shard_id = (expert, first row)
+                load_expert(target.param, tensor, target.shard_id, output_dim=1)
             else:
                 loader(target.param, tensor, target.shard_id)
         except (ValueError, TypeError, RuntimeError) as err:

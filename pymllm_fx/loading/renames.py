@@ -17,12 +17,13 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from pymllm_fx.layers.fused_moe import STACKED_NAMES, stacked_in_layout
 from pymllm_fx.loading.loader import LoadTarget
 from pymllm_fx.loading.safetensors_io import CheckpointError
 
 _EXPERT = re.compile(r"experts\.(\d+)\.")
-_STACKED = {"gate_up_proj": "w13_weight", "up_proj": "w13_weight", "down_proj": "w2_weight",
-            "gate_up_proj_bias": "w13_bias", "up_proj_bias": "w13_bias", "down_proj_bias": "w2_bias"}
+# The conversions that stack per-expert tensors as they are (transformers' operation names).
+_MERGES = (["MergeModulelist"], ["MergeModulelist", "Concatenate"])
 
 
 def _rules(model: nn.Module):
@@ -68,15 +69,15 @@ def checkpoint_targets(model: nn.Module, targets: Dict[str, LoadTarget], names: 
             rename, renamings, converters = rules
             new, source = rename(name, renamings, converters)
         path, _, leaf = new.rpartition(".")
-        param_name = _STACKED.get(leaf)
+        param_name = STACKED_NAMES.get(leaf)
         stem, _, suffix = name.rpartition(".")
         if rules is not None and source is None and suffix != "weight" and (path not in experts or not param_name):
             # a quantized projection (experts.3.w1.qweight): named as its ".weight" would be
             base, base_source = rename(f"{stem}.weight", renamings, converters)
             base_path, _, base_leaf = base.rpartition(".")
-            if base_source is not None and base_path in experts and base_leaf in _STACKED:
+            if base_source is not None and base_path in experts and base_leaf in STACKED_NAMES:
                 new, source, path, leaf = base, base_source, base_path, base_leaf
-                param_name = _STACKED[leaf].replace("weight", suffix)
+                param_name = STACKED_NAMES[leaf].replace("weight", suffix)
         converter = None if source is None else next(
             c for c in rules[2] if source in getattr(c, "_original_source_patterns", ()))
         if path in experts and param_name:
@@ -125,19 +126,27 @@ def _sources_of(stacked: str, rules) -> List[str]:
 
 def _float_expert_target(name: str, new: str, targets: Dict[str, LoadTarget], source: str, converter) -> LoadTarget:
     """One expert's projection into the stacked float tensor of an experts module that stays float."""
-    ops = [type(op).__name__ for op in converter.operations]
     whole = targets[new]
-    if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]):
-        raise CheckpointError(f"{name}: transformers merges it into {new} by {' + '.join(ops)}, which pymllm_fx "
-                              f"does not convert; load the model with transformers and call quantize(model, method)")
+    param, sources = whole.param, converter._original_source_patterns
+    slot = _expert_slot(name, new, converter, source, param.shape[0], param.shape[1] // len(sources))
+    return LoadTarget(param, shard_id=slot, owner=whole.owner, numel=param[0].numel() // len(sources))
+
+
+def _expert_slot(name: str, stack: str, converter, source: str, num_experts: int, rows: int,
+                 convertible: bool = True) -> Tuple[int, int]:
+    """``(expert, first row)`` that one expert's projection ``name`` fills in the stacked tensor
+    ``stack``: transformers stacks the experts in order (MergeModulelist) and concatenates their
+    projections (Concatenate), ``rows`` rows each. Any other conversion, or one the caller cannot
+    place (``convertible=False``), is refused."""
+    ops = [type(op).__name__ for op in converter.operations]
+    if ops not in _MERGES or not convertible:
+        raise CheckpointError(
+            f"{name}: transformers merges it into {stack} by {' + '.join(ops)}, a layout pymllm_fx does not "
+            f"convert per expert; load the model with transformers and call quantize(model, method)")
     found = _EXPERT.search(name)
-    sources = list(converter._original_source_patterns)
-    param = whole.param
-    if found is None or int(found.group(1)) >= param.shape[0]:
-        raise CheckpointError(f"{name}: no expert {found.group(1) if found else '?'} in {new} ({param.shape[0]} experts)")
-    rows = param.shape[1] // len(sources)
-    return LoadTarget(param, shard_id=(int(found.group(1)), sources.index(source) * rows), owner=whole.owner,
-                      numel=param[0].numel() // len(sources))
+    if found is None or int(found.group(1)) >= num_experts:
+        raise CheckpointError(f"{name}: no expert {found.group(1) if found else '?'} in {stack} ({num_experts} experts)")
+    return int(found.group(1)), list(converter._original_source_patterns).index(source) * rows
 
 
 def _required_roles(layer, module) -> Dict[str, List[Tuple[str, int]]]:
@@ -159,39 +168,18 @@ def _expert_target(name: str, path: str, leaf: str, param_name: str, layer, modu
         raise CheckpointError(f"{name}: {path} has no {param_name} for this checkpoint's {leaf}")
     rank, size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
     if source is None:  # the whole stack, as the module stores it
-        def whole(t: torch.Tensor) -> torch.Tensor:
-            from pymllm_fx.layers.fused_moe import _rank_rows
-
-            if leaf.endswith("_bias"):
-                return t if leaf.startswith("down") else _rank_rows(module, t, rank, size)
-            t = t.transpose(1, 2) if module.is_transposed else t
-            if leaf == "down_proj":
-                return t.chunk(size, dim=2)[rank] if size > 1 else t
-            return _rank_rows(module, t, rank, size)
-
-        return LoadTarget(param, transform=whole, owner=path)
-    ops = [type(op).__name__ for op in converter.operations]
-    sources = list(converter._original_source_patterns)
-    if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or leaf.endswith("_bias") or \
-            module.is_transposed or (len(sources) == 2 and not getattr(module, "is_concatenated", True)):
-        raise CheckpointError(
-            f"{name}: transformers merges it into {path}.{leaf} by {' + '.join(ops)}, a layout pymllm_fx does not "
-            f"convert per expert yet; load the model with transformers and call quantize(model, method)")
-    found = _EXPERT.search(name)
-    if found is None:
-        raise CheckpointError(f"{name}: a per-expert tensor of {path} without an expert index")
-    expert = int(found.group(1))
-    if expert >= layer.num_experts:
-        raise CheckpointError(f"{name}: expert {expert}, but {path} holds {layer.num_experts} experts")
-    role = sources.index(source)
-    offset = role * layer.intermediate_size_per_partition
+        return LoadTarget(param, transform=lambda t: stacked_in_layout(module, leaf, t, rank, size), owner=path)
+    sources = converter._original_source_patterns
+    convertible = not (leaf.endswith("_bias") or module.is_transposed or
+                       (len(sources) == 2 and not getattr(module, "is_concatenated", True)))
+    slot = _expert_slot(name, f"{path}.{leaf}", converter, source, layer.num_experts,
+                        layer.intermediate_size_per_partition, convertible)
     if not param_name.endswith("_weight"):  # a quantized tensor in its checkpoint layout (unsplit)
-        return LoadTarget(param, shard_id=(expert, offset), owner=path, numel=param[0].numel() // len(sources))
+        return LoadTarget(param, shard_id=slot, owner=path, numel=param[0].numel() // len(sources))
     if leaf == "down_proj":
         def cut(t: torch.Tensor) -> torch.Tensor:  # (hidden, intermediate): this rank's columns
             return t.chunk(size, dim=1)[rank] if size > 1 else t
     else:
         def cut(t: torch.Tensor) -> torch.Tensor:  # (intermediate, hidden): this rank's rows
             return t.chunk(size, dim=0)[rank] if size > 1 else t
-    return LoadTarget(param, shard_id=(expert, offset), transform=cut, owner=path,
-                      numel=param[0].numel() // len(sources))
+    return LoadTarget(param, shard_id=slot, transform=cut, owner=path, numel=param[0].numel() // len(sources))

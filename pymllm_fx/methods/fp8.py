@@ -15,12 +15,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX, quantize_fp8_per_channel
-from pymllm_fx.layers.fused_moe import (
-    FusedMoEMethodBase,
-    create_float_experts,
-    quantize_experts_8bit,
-    run_8bit_experts,
-)
+from pymllm_fx.layers.fused_moe import EightBitMoEMethod
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import check_config_keys, check_finite, config_str
@@ -96,23 +91,15 @@ class Fp8LinearMethod(LinearMethodBase):
 
 
 @dataclass
-class Fp8MoEMethod(FusedMoEMethodBase):
+class Fp8MoEMethod(EightBitMoEMethod):
     """Experts as e4m3 codes ``(E, N, K)`` with one float32 scale per row ``(E, N)``, whatever the
     linear layers' ``weight_strategy``. The grouped kernel reads them weight-only: the activations
     stay 16-bit, which costs nothing at decode, where the experts are bound by reading their bytes."""
 
     name = "fp8"
 
-    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                       **extra_weight_attrs: Any) -> None:
-        create_float_experts(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                             extra_weight_attrs)
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        quantize_experts_8bit(layer, quantize_fp8_per_channel)
-
-    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
-        return run_8bit_experts(layer, x, topk_ids, topk_weights)
+    def quantize_rows(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8_per_channel(rows)
 
     def describe(self, layer: torch.nn.Module) -> str:
         return f"W8A16 e4m3 per-channel, {layer.num_experts} experts"

@@ -39,6 +39,7 @@ from pymllm_fx.kernels.w4a16 import num_groups, pack_int4
 from pymllm_fx.layers.fused_moe import FusedMoEMethodBase
 from pymllm_fx.layers.parameter import (
     default_weight_loader,
+    load_expert,
     rank_share,
     register_param,
     replace_parameters,
@@ -369,20 +370,6 @@ def input_is_split(layer: torch.nn.Module) -> bool:
     return getattr(layer, "input_size", None) != getattr(layer, "input_size_per_partition", None)
 
 
-def _expert_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
-    """One expert's checkpoint tensor into a stack ``(E, ...)`` in the checkpoint's own layout:
-    ``shard_id = (expert, first output feature)``; the output features run along ``output_dim``
-    (packed ``packed_factor`` to a word when ``packed_dim`` is that dim); no output dim (g_idx):
-    the expert's whole slice."""
-    expert, first = shard_id
-    dim = getattr(param, "output_dim", None)
-    target = param.data[expert]
-    if dim is not None:
-        factor = param.packed_factor if getattr(param, "packed_dim", None) == dim else 1
-        target = target.narrow(dim - 1, first // factor, loaded.shape[dim - 1])
-    default_weight_loader(target, loaded)
-
-
 @dataclass
 class GPTQMoEMethod(FusedMoEMethodBase):
     """Experts of a 4-bit GPTQ checkpoint (each expert's ``w1``/``w3``/``w2`` or
@@ -409,7 +396,7 @@ class GPTQMoEMethod(FusedMoEMethodBase):
                 raise ValueError(f"{where}: gptq packs 8 values per int32 along inputs and outputs, but {which} is "
                                  f"[out={n}, in={k}]; load the float model and call quantize(model, 'int8')")
             groups = num_groups(k, checkpoint_group(cfg.group_size, k))
-            attrs = {"weight_loader": _expert_loader}
+            attrs = {"weight_loader": load_expert}
             register_param(layer, f"{which}_qweight", torch.empty(num_experts, k // 8, n, dtype=torch.int32),
                            dict(output_dim=2, packed_dim=1, packed_factor=8), attrs)
             register_param(layer, f"{which}_qzeros", torch.empty(num_experts, groups, n // 8, dtype=torch.int32),

@@ -11,12 +11,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.layers.fused_moe import (
-    FusedMoEMethodBase,
-    create_float_experts,
-    quantize_experts_8bit,
-    run_8bit_experts,
-)
+from pymllm_fx.layers.fused_moe import EightBitMoEMethod
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import check_config_keys, check_finite
@@ -73,21 +68,13 @@ class Int8LinearMethod(LinearMethodBase):
 
 
 @dataclass
-class Int8MoEMethod(FusedMoEMethodBase):
+class Int8MoEMethod(EightBitMoEMethod):
     """Experts as per-channel symmetric int8 codes ``(E, N, K)`` with float32 scales ``(E, N)``."""
 
     name = "int8"
 
-    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                       **extra_weight_attrs: Any) -> None:
-        create_float_experts(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                             extra_weight_attrs)
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        quantize_experts_8bit(layer, quantize_int8)
-
-    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
-        return run_8bit_experts(layer, x, topk_ids, topk_weights)
+    def quantize_rows(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return quantize_int8(rows)
 
     def describe(self, layer: torch.nn.Module) -> str:
         return f"W8A16 per-channel sym, {layer.num_experts} experts"
