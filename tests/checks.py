@@ -66,9 +66,27 @@ def init_rank(rank: int, world: int, port: int, backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def spawn_ranks(worker, world: int, *args) -> None:
-    """Run ``worker(rank, world, port, *args, errors)`` in ``world`` spawned processes (gloo or NCCL
-    tests) and fail with every rank's traceback that the workers put on ``errors``."""
+def _rank_main(rank: int, world: int, port: int, backend: str, body, args: tuple, errors) -> None:
+    """One spawned rank: join the group, run ``body``, meet the others, and report any failure."""
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        device = init_rank(rank, world, port, backend)
+        body(rank, world, device, *args)
+        dist.barrier()
+    except BaseException:
+        errors.put(f"rank {rank}/{world}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_ranks(body, world: int, backend: str, *args) -> None:
+    """Run ``body(rank, world, device, *args)`` in ``world`` spawned processes joined in a ``backend``
+    process group (gloo on CPU, or NCCL with one GPU a rank), and fail with every rank's traceback.
+    ``body`` must be a module-level function (the ranks import it)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -78,7 +96,8 @@ def spawn_ranks(worker, world: int, *args) -> None:
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
-    mp.start_processes(worker, args=(world, port, *args, errors), nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(_rank_main, args=(world, port, backend, body, args, errors), nprocs=world, join=True,
+                       start_method="spawn")
     problems = []
     while not errors.empty():
         problems.append(errors.get())

@@ -5,15 +5,13 @@ gives the unsharded quantized model's logits."""
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import pymllm_fx
 from pymllm_fx.layers.fused_moe import FusedMoE
-from checks import backend_params, init_rank, rel_err, spawn_ranks
+from checks import backend_params, rel_err, spawn_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,28 +47,20 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
-def _worker(rank: int, world: int, port: int, backend: str, expected: dict, errors) -> None:
-    try:
-        device = init_rank(rank, world, port, backend)
-        for arch in MODELS:
-            for name, method in METHODS.items():
-                model = pymllm_fx.quantize(build(arch).to(device), method, progress=False)
-                experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
-                assert len(experts) == 2 and all(m.tp_size == world for m in experts)
-                layer = experts[0]
-                if name == "int4":
-                    assert tuple(layer.w13_qweight.shape) == (4, 2 * 64 // world, 64 // 8)
-                    assert tuple(layer.w2_qweight.shape) == (4, 64, 64 // world // 8)
-                with torch.no_grad():
-                    logits = model(ids().to(device)).logits.cpu()
-                err = rel_err(logits, expected[arch, name])
-                assert err <= TOL[name], f"{arch} {name}: tp={world} logits differ from tp=1 by {err:.2e}"
-        dist.barrier()
-    except BaseException:
-        errors.put(f"rank {rank}/{world}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _body(rank: int, world: int, device: torch.device, expected: dict) -> None:
+    for arch in MODELS:
+        for name, method in METHODS.items():
+            model = pymllm_fx.quantize(build(arch).to(device), method, progress=False)
+            experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+            assert len(experts) == 2 and all(m.tp_size == world for m in experts)
+            layer = experts[0]
+            if name == "int4":
+                assert tuple(layer.w13_qweight.shape) == (4, 2 * 64 // world, 64 // 8)
+                assert tuple(layer.w2_qweight.shape) == (4, 64, 64 // world // 8)
+            with torch.no_grad():
+                logits = model(ids().to(device)).logits.cpu()
+            err = rel_err(logits, expected[arch, name])
+            assert err <= TOL[name], f"{arch} {name}: tp={world} logits differ from tp=1 by {err:.2e}"
 
 
 @pytest.mark.parametrize("backend, world", backend_params())
@@ -82,7 +72,7 @@ def test_experts_split_over_two_ranks_match_one_rank(backend, world):
             for name, method in METHODS.items():
                 model = pymllm_fx.quantize(build(arch).to(device), method, progress=False)
                 expected[arch, name] = model(ids().to(device)).logits.cpu()
-    spawn_ranks(_worker, world, backend, expected)
+    spawn_ranks(_body, world, backend, expected)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])

@@ -5,7 +5,6 @@ on CPU), block-seeded so that tp 2's shards are exactly slices of tp 1's weights
 from __future__ import annotations
 
 import importlib.util
-import traceback
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pymllm_fx
 from pymllm_fx.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-from checks import init_rank, rel_err, spawn_ranks
+from checks import rel_err, spawn_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,44 +90,36 @@ class RecordShapes(TorchDispatchMode):
         return out
 
 
-def _worker(rank: int, world: int, port: int, errors) -> None:
-    try:
-        device = init_rank(rank, world, port, "gloo")
-        builder = load_builder()
-        ids = torch.randint(0, 1536, (1, 9), generator=torch.Generator().manual_seed(1))
-        with RecordShapes() as record:
-            sharded = builder.build_sharded(config(), "none", device, 0, dist.group.WORLD, fuse_siblings=False,
-                                            dtype=torch.float32)
-        whole = builder.build_sharded(config(), "none", device, 0, None, fuse_siblings=False, dtype=torch.float32)
-        split = {name: m for name, m in sharded.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))}
-        assert len(split) == 14, sorted(split)
-        whole_shapes = {tuple(whole.get_submodule(name).weight.shape) for name in split}
-        assert not record.shapes & whole_shapes, f"whole weights allocated: {record.shapes & whole_shapes}"
-        for name, layer in split.items():
-            full = whole.get_submodule(name).weight
-            dim = 0 if isinstance(layer, ColumnParallelLinear) else 1
-            size = layer.weight.shape[dim]
-            assert size * world == full.shape[dim]
-            assert torch.equal(layer.weight, full.narrow(dim, rank * size, size)), name
-        for name, param in whole.named_parameters():  # embeddings, norms and lm_head: whole on every rank
-            if name.rpartition(".")[0] not in split:
-                assert torch.equal(param, sharded.get_parameter(name)), name
-        with torch.no_grad():
-            err = rel_err(sharded(ids).logits, whole(ids).logits)
-        assert err <= 1e-5, f"tp={world} logits differ from tp=1 by {err:.2e}"
-        int4 = builder.build_sharded(config(), INT4, device, 0, dist.group.WORLD, dtype=torch.float32)
-        int4_whole = builder.build_sharded(config(), INT4, device, 0, None, dtype=torch.float32)
-        assert tuple(int4.model.layers[0].mlp.down_proj.qweight.shape) == (256, 768 // world // 8)
-        with torch.no_grad():
-            err = rel_err(int4(ids).logits, int4_whole(ids).logits)
-        assert err <= 1e-5, f"int4: tp={world} logits differ from tp=1 by {err:.2e}"
-        dist.barrier()
-    except BaseException:
-        errors.put(f"rank {rank}/{world}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _body(rank: int, world: int, device: torch.device) -> None:
+    builder = load_builder()
+    ids = torch.randint(0, 1536, (1, 9), generator=torch.Generator().manual_seed(1))
+    with RecordShapes() as record:
+        sharded = builder.build_sharded(config(), "none", device, 0, dist.group.WORLD, fuse_siblings=False,
+                                        dtype=torch.float32)
+    whole = builder.build_sharded(config(), "none", device, 0, None, fuse_siblings=False, dtype=torch.float32)
+    split = {name: m for name, m in sharded.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))}
+    assert len(split) == 14, sorted(split)
+    whole_shapes = {tuple(whole.get_submodule(name).weight.shape) for name in split}
+    assert not record.shapes & whole_shapes, f"whole weights allocated: {record.shapes & whole_shapes}"
+    for name, layer in split.items():
+        full = whole.get_submodule(name).weight
+        dim = 0 if isinstance(layer, ColumnParallelLinear) else 1
+        size = layer.weight.shape[dim]
+        assert size * world == full.shape[dim]
+        assert torch.equal(layer.weight, full.narrow(dim, rank * size, size)), name
+    for name, param in whole.named_parameters():  # embeddings, norms and lm_head: whole on every rank
+        if name.rpartition(".")[0] not in split:
+            assert torch.equal(param, sharded.get_parameter(name)), name
+    with torch.no_grad():
+        err = rel_err(sharded(ids).logits, whole(ids).logits)
+    assert err <= 1e-5, f"tp={world} logits differ from tp=1 by {err:.2e}"
+    int4 = builder.build_sharded(config(), INT4, device, 0, dist.group.WORLD, dtype=torch.float32)
+    int4_whole = builder.build_sharded(config(), INT4, device, 0, None, dtype=torch.float32)
+    assert tuple(int4.model.layers[0].mlp.down_proj.qweight.shape) == (256, 768 // world // 8)
+    with torch.no_grad():
+        err = rel_err(int4(ids).logits, int4_whole(ids).logits)
+    assert err <= 1e-5, f"int4: tp={world} logits differ from tp=1 by {err:.2e}"
 
 
 def test_sharded_builder_holds_only_shards_and_matches_tp1():
-    spawn_ranks(_worker, 2)
+    spawn_ranks(_body, 2, "gloo")

@@ -4,18 +4,16 @@ CUDA-graph decode with the tokens of NCCL."""
 
 from __future__ import annotations
 
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pymllm_fx
 from pymllm_fx.evaluation import GreedyDecoder
 from pymllm_fx.layers.all_reduce import AllReduce, _qualifies, use_symmetric_memory
 from pymllm_fx.layers.linear import ReplicatedLinear, RowParallelLinear
-from checks import init_rank, rel_err, spawn_ranks, two_gpus
+from checks import rel_err, spawn_ranks, two_gpus
 
 transformers = pytest.importorskip("transformers")
 
@@ -76,38 +74,30 @@ def greedy_tokens(model, prompt: torch.Tensor, compile: bool, tokens: int = 6) -
     return out
 
 
-def _worker(rank: int, world: int, port: int, errors) -> None:
-    try:
-        device = init_rank(rank, world, port, "nccl")
-        ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1)).to(device)
-        model = pymllm_fx.quantize(build().to(device), INT4, progress=False)
-        with torch.no_grad():
-            nccl_logits = model(ids).logits
-        nccl_tokens = greedy_tokens(model, ids[:1], compile=False)  # eager NCCL (one compile fewer)
-        for algorithm in ("one_shot", "two_shot"):
-            use_symmetric_memory(model, algorithm, max_bytes=64 << 10)
-            torch._dynamo.reset()
-            with torch.no_grad():  # eager: the op itself; a 2x7x128 float32 message is 7 KiB
-                err = rel_err(model(ids).logits, nccl_logits)
-            assert err <= 1e-5, f"{algorithm}: logits differ from NCCL's by {err:.2e}"
-            with torch.no_grad():  # the op has no backward: with gradients wanted the layers keep NCCL
-                explained = torch._dynamo.explain(model)(ids)
-            assert explained.graph_break_count == 0, explained.break_reasons
-            code = "\n".join(str(g.graph) for g in explained.graphs)
-            assert "symm_mem_all_reduce" in code and "all_reduce" not in code.replace("symm_mem_all_reduce", ""), code
-            torch._dynamo.reset()
-            tokens = greedy_tokens(model, ids[:1], compile=True)
-            assert torch.equal(tokens, nccl_tokens), f"{algorithm}: {tokens.tolist()} vs NCCL {nccl_tokens.tolist()}"
-        use_symmetric_memory(model, "nccl")
-        assert all(m.all_reduce_with is None for m in model.modules() if isinstance(m, RowParallelLinear))
-        dist.barrier()
-    except BaseException:
-        errors.put(f"rank {rank}/{world}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _body(rank: int, world: int, device: torch.device) -> None:
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1)).to(device)
+    model = pymllm_fx.quantize(build().to(device), INT4, progress=False)
+    with torch.no_grad():
+        nccl_logits = model(ids).logits
+    nccl_tokens = greedy_tokens(model, ids[:1], compile=False)  # eager NCCL (one compile fewer)
+    for algorithm in ("one_shot", "two_shot"):
+        use_symmetric_memory(model, algorithm, max_bytes=64 << 10)
+        torch._dynamo.reset()
+        with torch.no_grad():  # eager: the op itself; a 2x7x128 float32 message is 7 KiB
+            err = rel_err(model(ids).logits, nccl_logits)
+        assert err <= 1e-5, f"{algorithm}: logits differ from NCCL's by {err:.2e}"
+        with torch.no_grad():  # the op has no backward: with gradients wanted the layers keep NCCL
+            explained = torch._dynamo.explain(model)(ids)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        code = "\n".join(str(g.graph) for g in explained.graphs)
+        assert "symm_mem_all_reduce" in code and "all_reduce" not in code.replace("symm_mem_all_reduce", ""), code
+        torch._dynamo.reset()
+        tokens = greedy_tokens(model, ids[:1], compile=True)
+        assert torch.equal(tokens, nccl_tokens), f"{algorithm}: {tokens.tolist()} vs NCCL {nccl_tokens.tolist()}"
+    use_symmetric_memory(model, "nccl")
+    assert all(m.all_reduce_with is None for m in model.modules() if isinstance(m, RowParallelLinear))
 
 
 @pytest.mark.skipif(not two_gpus(), reason="NCCL tests need 2 CUDA GPUs (one process per GPU)")
 def test_symmetric_memory_all_reduce_matches_nccl_under_compile_and_cuda_graphs():
-    spawn_ranks(_worker, 2)
+    spawn_ranks(_body, 2, "nccl")

@@ -11,16 +11,14 @@ are checked in the same processes. Under NCCL the int4 model also decodes throug
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import pymllm_fx
 from pymllm_fx.evaluation import GreedyDecoder
 from pymllm_fx.layers.linear import ColumnParallelLinear, RowParallelLinear
-from checks import backend_params, init_rank, rel_err, spawn_ranks
+from checks import backend_params, rel_err, spawn_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,59 +82,51 @@ CHECKPOINTS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, backend: str, expected: dict, checkpoints: dict, errors) -> None:
-    try:
-        device = init_rank(rank, world, port, backend)
-        float_model = build().to(device)
-        for name, method in METHODS.items():
-            model = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)
-            attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-            assert isinstance(attn.q_proj, ColumnParallelLinear) and isinstance(mlp.up_proj, ColumnParallelLinear)
-            assert isinstance(attn.o_proj, RowParallelLinear) and isinstance(mlp.down_proj, RowParallelLinear)
-            assert type(model.lm_head) is torch.nn.Linear  # skipped: whole on every rank
-            for a, b in ((attn.q_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):  # column siblings fuse per rank
-                first = next(iter(a.parameters(recurse=False)))
-                assert first.untyped_storage().data_ptr() == next(iter(b.parameters(recurse=False))).untyped_storage().data_ptr()
-            if name == "int4":  # packed shards: 8 codes per int32 along K, groups of 32
-                assert tuple(attn.k_proj.qweight.shape) == (64 // world, 128 // 8)
-                assert tuple(mlp.down_proj.qweight.shape) == (128, 256 // world // 8)
-                assert tuple(mlp.down_proj.scales.shape) == (128, 256 // world // 32)
-            with torch.no_grad():
-                logits = model(ids().to(device)).logits.cpu()
-            if name == "fp8":
-                err, bound = rel_err(logits, expected["float"]), FP8_NOISE_RATIO * rel_err(expected[name], expected["float"])
-                assert err <= bound, f"fp8: tp={world} is {err:.2e} from the float model, tp=1 is {bound / FP8_NOISE_RATIO:.2e}"
-            else:
-                err = rel_err(logits, expected[name])
-                assert err <= TOL[name], f"{name}: tp={world} logits differ from tp=1 by {err:.2e}"
-            if name == "int4" and world == 2:  # every rank: the traced forward runs the collectives
-                explained = torch._dynamo.explain(model)(ids().to(device))
-                assert explained.graph_break_count == 0, explained.break_reasons
-                torch._dynamo.reset()
-                if backend == "nccl":
-                    check_cuda_graph_decode(model, device, expected["decode"], f"int4 tp={world}")
-        for name, path in checkpoints.items():
-            model = pymllm_fx.from_pretrained(path, device=device, progress=False)
-            assert isinstance(model.model.layers[1].mlp.down_proj, RowParallelLinear)
-            if name == "gptq":
-                assert tuple(model.model.layers[1].mlp.down_proj.scales.shape) == (128, 256 // world // 32)
-            with torch.no_grad():
-                err = rel_err(model(ids().to(device)).logits.cpu(), expected[name])
-            assert err <= 1e-5, f"{name} checkpoint: tp={world} logits differ from tp=1 by {err:.2e}"
-        # A group size that does not divide a rank's inputs: refused before any weight is loaded.
-        torch.manual_seed(0)  # down_proj's 320 inputs: 160 or 80 a rank (o_proj's 128: 32 at tp 4)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CONFIG, "intermediate_size": 320})).eval()
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        first = r"self_attn\.o_proj\b.*rank's 32 of 128" if world == 4 else r"mlp\.down_proj\b.*rank's 160 of 320"
-        with pytest.raises(ValueError, match=rf"{first} input features are not a multiple of group_size=64"):
-            pymllm_fx.quantize(model, {"quant_method": "int4", "group_size": 64}, progress=False)
-        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-        dist.barrier()
-    except BaseException:
-        errors.put(f"rank {rank}/{world}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _body(rank: int, world: int, device: torch.device, expected: dict, checkpoints: dict) -> None:
+    float_model = build().to(device)
+    for name, method in METHODS.items():
+        model = pymllm_fx.quantize(copy.deepcopy(float_model), method, progress=False)
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        assert isinstance(attn.q_proj, ColumnParallelLinear) and isinstance(mlp.up_proj, ColumnParallelLinear)
+        assert isinstance(attn.o_proj, RowParallelLinear) and isinstance(mlp.down_proj, RowParallelLinear)
+        assert type(model.lm_head) is torch.nn.Linear  # skipped: whole on every rank
+        for a, b in ((attn.q_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):  # column siblings fuse per rank
+            first = next(iter(a.parameters(recurse=False)))
+            assert first.untyped_storage().data_ptr() == next(iter(b.parameters(recurse=False))).untyped_storage().data_ptr()
+        if name == "int4":  # packed shards: 8 codes per int32 along K, groups of 32
+            assert tuple(attn.k_proj.qweight.shape) == (64 // world, 128 // 8)
+            assert tuple(mlp.down_proj.qweight.shape) == (128, 256 // world // 8)
+            assert tuple(mlp.down_proj.scales.shape) == (128, 256 // world // 32)
+        with torch.no_grad():
+            logits = model(ids().to(device)).logits.cpu()
+        if name == "fp8":
+            err, bound = rel_err(logits, expected["float"]), FP8_NOISE_RATIO * rel_err(expected[name], expected["float"])
+            assert err <= bound, f"fp8: tp={world} is {err:.2e} from the float model, tp=1 is {bound / FP8_NOISE_RATIO:.2e}"
+        else:
+            err = rel_err(logits, expected[name])
+            assert err <= TOL[name], f"{name}: tp={world} logits differ from tp=1 by {err:.2e}"
+        if name == "int4" and world == 2:  # every rank: the traced forward runs the collectives
+            explained = torch._dynamo.explain(model)(ids().to(device))
+            assert explained.graph_break_count == 0, explained.break_reasons
+            torch._dynamo.reset()
+            if device.type == "cuda":  # NCCL
+                check_cuda_graph_decode(model, device, expected["decode"], f"int4 tp={world}")
+    for name, path in checkpoints.items():
+        model = pymllm_fx.from_pretrained(path, device=device, progress=False)
+        assert isinstance(model.model.layers[1].mlp.down_proj, RowParallelLinear)
+        if name == "gptq":
+            assert tuple(model.model.layers[1].mlp.down_proj.scales.shape) == (128, 256 // world // 32)
+        with torch.no_grad():
+            err = rel_err(model(ids().to(device)).logits.cpu(), expected[name])
+        assert err <= 1e-5, f"{name} checkpoint: tp={world} logits differ from tp=1 by {err:.2e}"
+    # A group size that does not divide a rank's inputs: refused before any weight is loaded.
+    torch.manual_seed(0)  # down_proj's 320 inputs: 160 or 80 a rank (o_proj's 128: 32 at tp 4)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CONFIG, "intermediate_size": 320})).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = r"self_attn\.o_proj\b.*rank's 32 of 128" if world == 4 else r"mlp\.down_proj\b.*rank's 160 of 320"
+    with pytest.raises(ValueError, match=rf"{first} input features are not a multiple of group_size=64"):
+        pymllm_fx.quantize(model, {"quant_method": "int4", "group_size": 64}, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("backend, world", backend_params(worlds=(2, 4)))
@@ -160,4 +150,4 @@ def test_tensor_parallel_logits_match_one_rank(backend, world, tmp_path):
         with torch.no_grad():
             expected[name] = pymllm_fx.from_pretrained(checkpoints[name], device=device, progress=False)(x).logits.cpu()
     del float_model, model
-    spawn_ranks(_worker, world, backend, expected, checkpoints)
+    spawn_ranks(_body, world, backend, expected, checkpoints)
