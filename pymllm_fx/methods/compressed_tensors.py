@@ -37,8 +37,13 @@ repeated over groups of 128 (exact). 8-bit symmetric "channel" runs on ``w8a16_l
 static; strategy "block" (the FP8_BLOCK preset): ``weight_scale`` one per ``block_structure``
 block, activations dynamic per token and group of the block's K size).
 
-Anything else (int8 activations, fp8 weight-only, tensor-group strategies, activation
-ordering by group, sparsity, transforms, kv-cache schemes) raises NotImplementedError naming it.
+``int-quantized`` int8 weights with int8 activations (the W8A8 preset; dynamic per-token or
+static per-tensor activations, symmetric or, static only, with ``input_zero_point``): see
+``w8a8.py`` (``weight`` int8, ``weight_scale``, ``input_scale``, ``input_zero_point``).
+
+Anything else (asymmetric dynamic int8 activations, fp8 weight-only, tensor-group strategies,
+activation ordering by group, sparsity, transforms, kv-cache schemes) raises NotImplementedError
+naming it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from pymllm_fx.methods.common import check_dequantized_range, check_finite, conf
 from pymllm_fx.methods.config_keys import COMPRESSED_TENSORS_KEYS, check_producer_keys
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, explain_errors
 from pymllm_fx.methods.int4 import GROUP_SIZES
+from pymllm_fx.methods.w8a8 import W8A8CheckpointLinearMethod
 
 # The w4a16 group size a "channel" scale is repeated over: exact, and a tile size the kernels have.
 CHANNEL_RUNTIME_GROUP = 128
@@ -422,14 +428,11 @@ def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str
     acts = group.get("input_activations")
     acts = None if acts is None else _parse_args(f"{where}.input_activations", acts)
 
+    if weights["type"] == "int" and acts is not None:
+        return _w8a8_scheme(where, fmt, weights, acts)
     if weights["type"] == "int":
         if fmt != "pack-quantized":
             raise NotImplementedError(f"{where}: int weights load from format 'pack-quantized', not {fmt!r}")
-        if acts is not None:
-            raise NotImplementedError(
-                f"{where}: int weights with quantized input activations (W{weights['num_bits']}A{acts['num_bits']}) "
-                f"are not supported; only weight-only int schemes (W4A16, W8A16) run here"
-            )
         if weights["actorder"] in ("group", "dynamic", True):
             raise NotImplementedError(
                 f"{where}: actorder 'group' stores a column permutation (weight_g_idx) that the w4a16 layout "
@@ -479,6 +482,39 @@ def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str
         )
     return Fp8CheckpointLinearMethod(
         activation_scheme=scheme, activation_strategy=strategy, weight_strategy=weights["strategy"]
+    )
+
+
+def _w8a8_scheme(where: str, fmt: str, weights: Dict[str, Any], acts: Dict[str, Any]) -> W8A8CheckpointLinearMethod:
+    """int8 weights with int8 input activations (the W8A8 preset, ``int-quantized``)."""
+    scheme = f"W{weights['num_bits']}A{acts['num_bits']} ({weights['type']} weights, {acts['type']} activations)"
+    if fmt not in ("int-quantized", "naive-quantized"):
+        raise NotImplementedError(f"{where}: {scheme} loads from format 'int-quantized', not {fmt!r}")
+    if weights["num_bits"] != 8 or acts["num_bits"] != 8 or acts["type"] != "int":
+        raise NotImplementedError(f"{where}: {scheme} is not supported; int weights with quantized activations "
+                                  f"load as W8A8 int8 (8-bit int weights and 8-bit int input_activations)")
+    if not weights["symmetric"] or weights["dynamic"] or weights["actorder"] not in (None, False, "weight", "static"):
+        raise NotImplementedError(f"{where}: W8A8 int8 weights load only as static symmetric weights without "
+                                  f"activation ordering (the W8A8 preset)")
+    if weights["strategy"] not in ("channel", "tensor"):
+        raise NotImplementedError(f"{where}: W8A8 int8 weight strategy {weights['strategy']!r} is not supported; "
+                                  f"use 'channel' (the W8A8 preset) or 'tensor'")
+    if acts["dynamic"] is True and acts["strategy"] == "token":
+        if not acts["symmetric"]:
+            raise NotImplementedError(
+                f"{where}: asymmetric dynamic int8 input_activations (a scale and zero point per token from its "
+                f"min and max) are not supported; use symmetric dynamic (the W8A8 preset) or static activations"
+            )
+        scheme_name = "dynamic"
+    elif acts["dynamic"] is False and acts["strategy"] == "tensor":
+        scheme_name = "static"
+    else:
+        raise NotImplementedError(
+            f"{where}: W8A8 int8 input_activations strategy {acts['strategy']!r} (dynamic={acts['dynamic']}) is not "
+            f"supported; use dynamic 'token' (the W8A8 preset) or static 'tensor'"
+        )
+    return W8A8CheckpointLinearMethod(
+        activation_scheme=scheme_name, input_symmetric=acts["symmetric"], weight_strategy=weights["strategy"]
     )
 
 
