@@ -694,6 +694,13 @@ def test_w8a8_checkpoint_from_pretrained_and_saved_back_exactly(tmp_path, act, d
     assert rel_err(out, expected) <= 1e-5
     model = pymllm_fx.from_pretrained(tmp_path / "src", progress=False)
     assert model.lm_head.weight.dtype == dtype
+    # Siblings share one input: dynamic layers quantize it once as one fused call (under compile);
+    # a static scale is one value per layer, not per row, and keeps them apart.
+    report = pymllm_fx.explain(model, file=None)
+    if act == "dynamic":
+        assert len(report.fused_groups) == 4
+    else:
+        assert not report.fused_groups and "input_scale is not one contiguous row" in str(report.unfused_groups)
 
     pymllm_fx.save_quantized(model, tmp_path / "out", format="compressed-tensors", progress=False)
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
