@@ -149,8 +149,9 @@ def read_layer(layer: nn.Module, where: str = "") -> Optional[Quantized]:
     if isinstance(method, PackedIntLinearMethod):
         if method.num_bits == 8:
             return Quantized("int8", layer.qweight.data, layer.scales.data)
-        if method.strategy == "group":
-            return _read_int4(layer, where, method.group_size, method.group_size, per_row=False)
+        if method.strategy == "group":  # actorder "group": the runtime permutation gives back weight_g_idx
+            return _read_int4(layer, where, method.group_size, method.group_size, per_row=False,
+                              perm=getattr(layer, "perm", None))
         return _read_int4(layer, where, k, CHANNEL_RUNTIME_GROUP, per_row=True)
     if isinstance(method, Int8LinearMethod):
         return Quantized("int8", layer.qweight.data, layer.scales.data)
@@ -431,14 +432,13 @@ class _CompressedTensors:
     def _scheme(self, site: _Site) -> dict:
         q = site.q
         if q.kind == "int4":
-            if q.g_idx is not None:
-                raise _refuse(site, self.fmt, "its act-order permutation needs actorder 'group' (weight_g_idx), which "
-                              "pymllm_fx does not load", "use format='gptq'")
             if q.zeros is not None and q.group_size != -1 and site.k % q.group_size:
                 raise _refuse(site, self.fmt, f"in_features={site.k} is not a multiple of group_size {q.group_size}, "
                               f"and compressed-tensors sizes asymmetric zero points by whole groups", "use format='gptq'")
             strategy = "channel" if q.group_size == -1 else "group"
             weights = _ct_args(4, "int", q.zeros is None, strategy, None if strategy == "channel" else q.group_size)
+            if q.g_idx is not None:  # act-order: the group of each input in weight_g_idx
+                weights["actorder"] = "group"
             return {"weights": weights, "input_activations": None, "output_activations": None, "format": "pack-quantized"}
         if q.kind == "int8":
             weights = _ct_args(8, "int", True, "channel", None)
@@ -493,6 +493,8 @@ class _CompressedTensors:
         out = {"weight_packed": packed, "weight_scale": scale}
         if q.kind == "int4" and q.zeros is not None:  # zero_point + 8, packed along the outputs
             out["weight_zero_point"] = pack_words(q.zeros.t(), 4).t()
+        if q.kind == "int4" and q.g_idx is not None:
+            out["weight_g_idx"] = q.g_idx
         out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
         return out
 

@@ -67,6 +67,7 @@ from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMe
 from pymllm_fx.methods.common import check_dequantized_range, check_finite, config_pattern
 from pymllm_fx.methods.config_keys import COMPRESSED_TENSORS_KEYS, check_producer_keys
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, explain_errors
+from pymllm_fx.methods.gptq import _g_idx_loader
 from pymllm_fx.methods.int4 import GROUP_SIZES
 from pymllm_fx.methods.w8a8 import W8A8CheckpointLinearMethod
 
@@ -110,6 +111,7 @@ class PackedIntLinearMethod(LinearMethodBase):
     strategy: str = "group"
     group_size: Optional[int] = 128  # None for "channel"
     symmetric: bool = True
+    actorder: bool = False  # actorder "group": weight_g_idx numbers each input's group (4-bit groups)
 
     name = "compressed-tensors"
 
@@ -129,6 +131,8 @@ class PackedIntLinearMethod(LinearMethodBase):
                 f"compressed-tensors: group_size {self.group_size} is not supported; the w4a16 kernels take "
                 f"{', '.join(map(str, GROUP_SIZES))} (or strategy 'channel')"
             )
+        if self.actorder and (self.num_bits != 4 or self.strategy != "group"):
+            raise NotImplementedError("compressed-tensors: actorder 'group' loads only with 4-bit 'group' weights")
         if self.num_bits == 8 and (self.strategy != "channel" or not self.symmetric):
             raise NotImplementedError(
                 "compressed-tensors: 8-bit weights load only as symmetric 'channel' (w8a16_linear has one "
@@ -183,6 +187,12 @@ class PackedIntLinearMethod(LinearMethodBase):
                 f"but {rank_share(layer, *unaligned, n != output_size)} is not a multiple of "
                 f"{self.per_word}, so it cannot be split into shards or ranks; {fix}"
             )
+        if in_split and self.actorder:  # as GPTQ act-order: each rank would hold part of every group
+            raise NotImplementedError(
+                f"{where}: actorder 'group' (weight_g_idx) numbers groups over a permutation of all {input_size} "
+                f"inputs, so a row-parallel rank's slice of {k} mixes members of every group, which the W4A16 "
+                f"kernel's contiguous groups cannot express; keep this layer unsplit"
+            )
         groups = num_groups(k, self.group_size) if self.strategy == "group" else 1
         loader = extra_weight_attrs.get("weight_loader", default_weight_loader)
         bits = f"{self.num_bits}-bit"
@@ -210,6 +220,9 @@ class PackedIntLinearMethod(LinearMethodBase):
                 f"asymmetric zero points are packed {self.per_word} per int32 along the output dim, "
                 f"shape (ceil(N / {self.per_word}), groups); {scale_hint}",
             )
+        if self.actorder:  # -1: not loaded yet; merged shards share one input, so one g_idx
+            register_param(layer, "weight_g_idx", torch.full((k,), -1, dtype=torch.int32),
+                           {"input_dim": 0, "weight_loader": _g_idx_loader(where, loader)}, extra_weight_attrs)
         shape = torch.nn.Parameter(torch.empty(2, dtype=torch.int64), requires_grad=False)
         set_weight_attrs(shape, {"weight_loader": _weight_shape_loader(output_size, input_size)})
         layer.register_parameter("weight_shape", shape)
@@ -228,6 +241,12 @@ class PackedIntLinearMethod(LinearMethodBase):
                 layer, remove, {"qweight": codes.contiguous(), "scales": scales.reshape(n).contiguous()}
             )
             return
+        codes = unpack_words(layer.weight_packed.data, 4, k)
+        perm = None
+        if self.actorder:  # the runtime layout holds each group's inputs side by side, x is permuted to match
+            perm = _act_order(where, layer.weight_g_idx.data, k, self.group_size, scales.shape[1])
+            codes = codes.index_select(1, perm)
+            remove += ("weight_g_idx",)
         zeros = None
         if not self.symmetric:
             zero_points = unpack_from_int32(layer.weight_zero_point.data, 4, n, dim=0)
@@ -242,11 +261,13 @@ class PackedIntLinearMethod(LinearMethodBase):
             layer, remove,
             {
                 # The stored q + 8 is the runtime code; the runtime layout orders it in 64-feature tiles.
-                "qweight": pack_int4(unpack_words(layer.weight_packed.data, 4, k)),
+                "qweight": pack_int4(codes),
                 "scales": scales.contiguous(),
                 "zeros": None if zeros is None else zeros.contiguous(),
             },
         )
+        if self.actorder:
+            layer.register_buffer("perm", perm)
 
     def _runtime_group(self) -> int:
         return self.group_size if self.strategy == "group" else CHANNEL_RUNTIME_GROUP
@@ -256,13 +277,34 @@ class PackedIntLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         if self.num_bits == 8:
             return torch.ops.pymllm_fx.w8a16_linear(x, layer.qweight, layer.scales, bias)
+        if self.actorder:
+            x = x.index_select(-1, layer.perm)
         return torch.ops.pymllm_fx.w4a16_linear(
             x, layer.qweight, layer.scales, layer.zeros, self._runtime_group(), bias
         )
 
     def describe(self, layer: torch.nn.Module) -> str:
         group = f"g{self.group_size}" if self.strategy == "group" else "per-channel"
-        return f"W{self.num_bits}A16 {group} {'sym' if self.symmetric else 'asym'}"
+        return f"W{self.num_bits}A16 {group} {'sym' if self.symmetric else 'asym'}" + (" act-order" if self.actorder else "")
+
+
+def _act_order(where: str, g_idx: torch.Tensor, k: int, group_size: int, groups: int) -> torch.Tensor:
+    """The input permutation that sorts ``weight_g_idx`` (stable), checked to give equal groups of
+    ``group_size`` in scale-column order (compressed-tensors quantizes group i of the sorted inputs
+    with scale column i)."""
+    g_idx = g_idx.long()
+    if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise ValueError(
+            f"{where}: tensor 'weight_g_idx' has group indices in [{int(g_idx.min())}, {int(g_idx.max())}] but the "
+            f"layer has {groups} groups; it was never loaded, or does not match weight_scale"
+        )
+    perm = torch.sort(g_idx, stable=True).indices
+    if not torch.equal(g_idx[perm], torch.arange(k, device=g_idx.device) // group_size):
+        raise ValueError(
+            f"{where}: tensor 'weight_g_idx' does not split the {k} inputs into groups of {group_size} (group sizes "
+            f"{torch.bincount(g_idx, minlength=groups).tolist()[:8]}...); check group_size against the checkpoint"
+        )
+    return perm.to(torch.int32)
 
 
 def _weight_shape_loader(output_size: int, input_size: int):
@@ -433,17 +475,14 @@ def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str
     if weights["type"] == "int":
         if fmt != "pack-quantized":
             raise NotImplementedError(f"{where}: int weights load from format 'pack-quantized', not {fmt!r}")
-        if weights["actorder"] in ("group", "dynamic", True):
-            raise NotImplementedError(
-                f"{where}: actorder 'group' stores a column permutation (weight_g_idx) that the w4a16 layout "
-                f"cannot express; re-export without activation ordering or with actorder 'weight'"
-            )
+        # actorder "group" (alias "dynamic", or true) stores weight_g_idx for group strategies only.
+        actorder = weights["actorder"] in ("group", "dynamic", True) and weights["strategy"] == "group"
         if weights["dynamic"]:
             raise NotImplementedError(f"{where}: dynamic weight quantization is not supported")
         return PackedIntLinearMethod(
             num_bits=weights["num_bits"], strategy=weights["strategy"],
             group_size=int(weights["group_size"]) if weights["strategy"] == "group" else None,
-            symmetric=weights["symmetric"],
+            symmetric=weights["symmetric"], actorder=actorder,
         )
 
     if fmt not in ("float-quantized", "naive-quantized"):

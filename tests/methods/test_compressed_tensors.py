@@ -21,7 +21,8 @@ from torch import nn
 import pymllm_fx
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE
 from pymllm_fx.kernels.w4a16 import dequantize_int4
-from pymllm_fx.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
+from pymllm_fx.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from pymllm_fx.loading.export import export_layer
 from pymllm_fx.loading import CheckpointError
 from pymllm_fx.methods.compressed_tensors import CompressedTensorsLinearMethod, PackedIntLinearMethod
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
@@ -403,7 +404,6 @@ def _with_weights(**changes):
         (_with_weights(group_size=96), ValueError, r"group_size 96 is not supported"),
         (_with_weights(num_bits=3), ValueError, r"num_bits=3 is not supported"),
         (_with_weights(strategy="tensor", group_size=None), NotImplementedError, r"int weight strategy 'tensor'"),
-        (_with_weights(actorder="group"), NotImplementedError, r"actorder 'group'"),
         (_with_weights(num_bits=8), NotImplementedError, r"8-bit weights load only as symmetric 'channel'"),
         (_with_weights(typo=1), ValueError, r"unknown keys \['typo'\]"),
         (fp8_config() | {"kv_cache_scheme": {"num_bits": 8}}, NotImplementedError, r"kv_cache_scheme"),
@@ -411,7 +411,7 @@ def _with_weights(**changes):
         (int_config() | {"format": "int-quantized"}, NotImplementedError, r"int weights load from format 'pack-quantized'"),
         (int_config() | {"config_groups": {"W4A16": ["Linear"]}}, NotImplementedError, r"preset scheme name"),
     ],
-    ids=["unknown-strategy", "group-96", "bits-3", "int-tensor", "actorder", "int8-group", "args-key",
+    ids=["unknown-strategy", "group-96", "bits-3", "int-tensor", "int8-group", "args-key",
          "kv-cache", "moe-sparsity", "int-quantized", "preset"],
 )
 def test_config_errors(config, error, pattern):
@@ -715,3 +715,53 @@ def test_w8a8_checkpoint_from_pretrained_and_saved_back_exactly(tmp_path, act, d
     for key in ("weights", "input_activations"):
         for arg in ("num_bits", "type", "symmetric", "strategy", "dynamic"):
             assert group[key][arg] == source["config_groups"]["group_0"][key][arg], (key, arg)
+
+
+# --- int4 actorder "group" (weight_g_idx) ---------------------------------------------------------
+# compressed-tensors' _process_group sorts the inputs by weight_g_idx (argsort) and quantizes group
+# i of the sorted inputs with scale column i; weight_packed keeps the original input order.
+
+
+def act_order_g_idx(k, group_size, seed_value):
+    """A GPTQ act-order numbering: the groups of group_size inputs in a random order of the inputs."""
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(seed_value))
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
+    return g_idx
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("k, group_size", [(128, 32), (256, 128)])
+def test_actorder_group_matches_the_definition_and_saves_back(k, group_size, symmetric):
+    n = 24
+    seed("actorder", k, group_size, symmetric)
+    q = torch.randint(-8, 8, (n, k))
+    groups = k // group_size
+    scale = torch.rand(n, groups) * 0.05 + 0.01
+    zp = torch.randint(-8, 8, (n, groups)) if not symmetric else torch.zeros(n, groups, dtype=torch.long)
+    g_idx = act_order_g_idx(k, group_size, k + group_size)
+    ref = (q - zp[:, g_idx.long()]).double() * scale.double()[:, g_idx.long()]  # the definition, column by column
+    tensors = {"weight_packed": ct_pack(q, 4), "weight_scale": scale, "weight_shape": torch.tensor([n, k]),
+               "weight_g_idx": g_idx}
+    if not symmetric:
+        tensors["weight_zero_point"] = ct_pack(zp, 4, dim=0)
+    config = int_config(group_size=group_size, symmetric=symmetric, actorder="group")
+    layer = load_layer(CompressedTensorsLinearMethod.from_config(config), k, n, tensors)
+    assert layer.scheme.actorder and "act-order" in layer.scheme.describe(layer)
+    x = torch.randn(3, k)
+    assert rel_err(layer(x), x.double() @ ref.t()) <= 1e-5
+    written = export_layer(layer, "compressed-tensors", ["model.layers.0.mlp.down_proj"])
+    expected = {f"model.layers.0.mlp.down_proj.{name}": t for name, t in tensors.items()}
+    assert sorted(written) == sorted(expected)
+    for name, t in expected.items():
+        assert written[name].dtype == t.dtype and torch.equal(written[name], t), name
+
+
+def test_actorder_bad_g_idx_and_row_parallel_split():
+    tensors, _ = make_int(8, 64, 4, "group", 32, True, torch.float32)
+    tensors["weight_g_idx"] = torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32)  # groups of 40 and 24
+    method = CompressedTensorsLinearMethod.from_config(int_config(group_size=32, actorder="group"))
+    with pytest.raises(ValueError, match=r"proj: tensor 'weight_g_idx' does not split the 64 inputs into groups of 32"):
+        load_layer(method, 64, 8, tensors, prefix="proj")
+    with pytest.raises(NotImplementedError, match=r"down: actorder 'group' \(weight_g_idx\) .* keep this layer unsplit"):
+        RowParallelLinear(64, 8, bias=False, quant_method=method, prefix="down", tp_rank=0, tp_size=2)
