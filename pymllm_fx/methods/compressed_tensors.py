@@ -21,6 +21,9 @@ Schemes and their checkpoint tensors (N = out features, K = in features):
 - ``weight_zero_point`` (asymmetric only) int32 ``(ceil(N / f), G)``: signed zero points offset
   and packed the same way, but along the output dim.
 - ``weight_shape`` ``[N, K]``. The weight is ``(q - zero_point) * scale``.
+- ``weight_g_idx`` int32 ``(K,)`` (4-bit ``actorder: "group"`` only): the group of each input; the
+  inputs are sorted by it at load (a stable sort gives the groups in scale-column order) and the
+  activations permuted the same way per call, as GPTQ act-order.
 
 In merged and tensor-parallel layers a slice must be whole words and whole groups: a row-parallel
 rank's in features a multiple of ``32 / bits`` and of ``group_size``; with asymmetric zero points
@@ -42,8 +45,7 @@ static per-tensor activations, symmetric or, static only, with ``input_zero_poin
 ``w8a8.py`` (``weight`` int8, ``weight_scale``, ``input_scale``, ``input_zero_point``).
 
 Anything else (asymmetric dynamic int8 activations, fp8 weight-only, tensor-group strategies,
-activation ordering by group, sparsity, transforms, kv-cache schemes) raises NotImplementedError
-naming it.
+sparsity, transforms, kv-cache schemes) raises NotImplementedError naming it.
 """
 
 from __future__ import annotations
