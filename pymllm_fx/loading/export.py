@@ -74,7 +74,7 @@ from pymllm_fx.methods.compressed_tensors import (
     exact_in,
 )
 from pymllm_fx.methods.fp8 import Fp8LinearMethod
-from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, Fp8WeightOnlyLinearMethod
 from pymllm_fx.methods.gptq import GPTQLinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
@@ -108,7 +108,7 @@ class Quantized:
     zeros: Optional[torch.Tensor] = None  # int4 asymmetric: int32 (N, G) zero points 0..15; None: 8
     group_size: int = -1  # int4: inputs per group (the last may be shorter); -1: one group per row
     g_idx: Optional[torch.Tensor] = None  # int4 act-order: int32 (K,) group of each input, unsorted
-    activation: str = "token"  # fp8, w8a8: "token" / "tensor" (dynamic), "static", or "group" (fp8 block)
+    activation: str = "token"  # fp8, w8a8: "token" / "tensor" (dynamic), "static", "group" (fp8 block), "none" (fp8 weight-only)
     input_scale: Optional[torch.Tensor] = None  # fp8, w8a8 static: float (1,)
     input_zero_point: Optional[torch.Tensor] = None  # w8a8 static asymmetric: int32 (1,)
     weight_strategy: str = "channel"  # fp8, w8a8: "channel", "tensor" or "block", as calibration or the checkpoint declared
@@ -169,6 +169,9 @@ def read_layer(layer: nn.Module, where: str = "") -> Optional[Quantized]:
         )
     if isinstance(method, Fp8LinearMethod):
         return Quantized("fp8", layer.weight.data, layer.weight_scale.data, weight_strategy=method.weight_strategy)
+    if isinstance(method, Fp8WeightOnlyLinearMethod):
+        return Quantized("fp8", layer.qweight.data, layer.scales.data, activation="none",
+                         weight_strategy=method.weight_strategy)
     if isinstance(method, Fp8CheckpointLinearMethod):
         if layer.weight.dtype != FP8_DTYPE:
             return None  # a layer the checkpoint left in float
@@ -267,6 +270,8 @@ def _what(q: Quantized) -> str:
         return f"a W8A8 int8 layer ({acts} int8 activations)"
     if q.block_size is not None:
         return f"an fp8 layer ({q.block_size[0]}x{q.block_size[1]} block weight scales)"
+    if q.activation == "none":
+        return f"an fp8 weight-only layer (per-{'tensor' if q.weight_strategy == 'tensor' else 'channel'} weight scale)"
     return f"an fp8 layer (per-{'tensor' if q.weight_strategy == 'tensor' else 'channel'} weight scale)"
 
 
@@ -458,6 +463,9 @@ class _CompressedTensors:
             acts = _ct_args(8, "float", True, "group", q.block_size[1], dynamic=True)
             return {"weights": weights, "input_activations": acts, "output_activations": None, "format": "float-quantized"}
         strategy = "tensor" if q.weight_strategy == "tensor" and site.per_tensor else "channel"
+        if q.activation == "none":  # fp8 weight-only
+            return {"weights": _ct_args(8, "float", True, strategy, None), "input_activations": None,
+                    "output_activations": None, "format": "float-quantized"}
         if q.activation == "static":
             acts = _ct_args(8, "float", True, "tensor", None, dynamic=False)
         else:
@@ -527,6 +535,9 @@ class _Fp8:
                 raise _refuse(site, self.fmt, "its rows have different scales and the fp8 format stores one "
                               "weight_scale per weight", "use format='compressed-tensors' (float-quantized, strategy "
                               "channel), or quantize with {'quant_method': 'fp8', 'weight_strategy': 'tensor'}")
+            if q.activation == "none":
+                raise _refuse(site, self.fmt, "its activations stay in float, and an fp8 checkpoint quantizes them",
+                              "use format='compressed-tensors'")
             if q.activation == "tensor":
                 raise _refuse(site, self.fmt, "its activations are quantized per tensor at run time, and a dynamic "
                               "fp8 checkpoint loads with per-token activation scales", "use format='compressed-tensors'")

@@ -44,8 +44,11 @@ block, activations dynamic per token and group of the block's K size).
 static per-tensor activations, symmetric or, static only, with ``input_zero_point``): see
 ``w8a8.py`` (``weight`` int8, ``weight_scale``, ``input_scale``, ``input_zero_point``).
 
-Anything else (asymmetric dynamic int8 activations, fp8 weight-only, tensor-group strategies,
-sparsity, transforms, kv-cache schemes) raises NotImplementedError naming it.
+``float-quantized`` e4m3 weights without ``input_activations`` (fp8 weight-only; "tensor" or
+"channel" scales) run on ``w8a16_linear``, activations left in float (``fp8_checkpoint.py``).
+
+Anything else (asymmetric dynamic int8 activations, tensor-group strategies, sparsity,
+transforms, kv-cache schemes) raises NotImplementedError naming it.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from pymllm_fx.layers.parameter import (
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
 from pymllm_fx.methods.common import check_dequantized_range, check_finite, config_pattern
 from pymllm_fx.methods.config_keys import COMPRESSED_TENSORS_KEYS, check_producer_keys
-from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, explain_errors
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, Fp8WeightOnlyLinearMethod, explain_errors
 from pymllm_fx.methods.gptq import _g_idx_loader
 from pymllm_fx.methods.int4 import GROUP_SIZES
 from pymllm_fx.methods.w8a8 import W8A8CheckpointLinearMethod
@@ -496,10 +499,10 @@ def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str
             f"{where}: fp8 weight strategy {weights['strategy']!r} is not supported; use 'tensor', 'channel' or 'block'"
         )
     if acts is None:
-        raise NotImplementedError(
-            f"{where}: fp8 weight-only (W8A16 fp8) needs an op that keeps activations in float, which does "
-            f"not exist yet; only W8A8 fp8 (input_activations of type float) loads"
-        )
+        if weights["strategy"] not in ("tensor", "channel"):
+            raise NotImplementedError(f"{where}: fp8 weight-only weights load with strategy 'tensor' or 'channel', "
+                                      f"not {weights['strategy']!r}")
+        return Fp8WeightOnlyLinearMethod(weight_strategy=weights["strategy"])
     if acts["type"] != "float" or acts["num_bits"] != 8 or not acts["symmetric"]:
         raise NotImplementedError(f"{where}: fp8 weights need symmetric 8-bit float input_activations")
     if weights["strategy"] == "block":

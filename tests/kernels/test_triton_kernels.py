@@ -101,11 +101,19 @@ def test_w4a16_inline_ptx_is_bit_exact_with_the_portable_path(m, n, k, group_siz
             assert torch.equal(fast, portable), cfg
 
 
+def w8_codes(n, k, codes):
+    """int8 codes, or e4m3 codes (fp8 weight-only checkpoints) over their whole range."""
+    if codes == "int8":
+        return torch.randint(-128, 128, (n, k), dtype=torch.int8).to(DEVICE)
+    return (torch.randn(n, k) * 64).clamp(-448, 448).to(fp8_w8a8.FP8_DTYPE).to(DEVICE)
+
+
+@pytest.mark.parametrize("codes", ["int8", "e4m3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m, n, k", [(1, 40, 200), (3, 24, 256), (17, 70, 136)])
-def test_w8a16_kernels_match_reference(m, n, k, dtype):
-    seed("w8", m, n, k, dtype)
-    qweight = torch.randint(-128, 128, (n, k), dtype=torch.int8).to(DEVICE)
+def test_w8a16_kernels_match_reference(m, n, k, dtype, codes):
+    seed("w8", m, n, k, dtype, codes)
+    qweight = w8_codes(n, k, codes)
     scales = (torch.rand(n) * 0.02 + 0.001).to(DEVICE, dtype)
     x = torch.randn(m, k).to(DEVICE, dtype)
     bias = torch.randn(n).to(DEVICE, dtype)

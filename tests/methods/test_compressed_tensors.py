@@ -25,7 +25,7 @@ from pymllm_fx.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
 from pymllm_fx.loading.export import export_layer
 from pymllm_fx.loading import CheckpointError
 from pymllm_fx.methods.compressed_tensors import CompressedTensorsLinearMethod, PackedIntLinearMethod
-from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, Fp8WeightOnlyLinearMethod
 from pymllm_fx.methods.w8a8 import W8A8CheckpointLinearMethod
 from checks import build_layer, rel_err, seed
 
@@ -427,7 +427,8 @@ def test_fp8_config_errors():
         CompressedTensorsLinearMethod.from_config(block)
     weight_only = fp8_config()
     weight_only["config_groups"]["group_0"]["input_activations"] = None
-    with pytest.raises(NotImplementedError, match=r"fp8 weight-only"):
+    weight_only["config_groups"]["group_0"]["weights"].update(strategy="block", block_structure=[128, 128])
+    with pytest.raises(NotImplementedError, match=r"fp8 weight-only weights load with strategy 'tensor' or 'channel', not 'block'"):
         CompressedTensorsLinearMethod.from_config(weight_only)
     int8_acts = int_config(bits=8, strategy="channel")
     int8_acts["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}
@@ -765,3 +766,64 @@ def test_actorder_bad_g_idx_and_row_parallel_split():
         load_layer(method, 64, 8, tensors, prefix="proj")
     with pytest.raises(NotImplementedError, match=r"down: actorder 'group' \(weight_g_idx\) .* keep this layer unsplit"):
         RowParallelLinear(64, 8, bias=False, quant_method=method, prefix="down", tp_rank=0, tp_size=2)
+
+
+# --- fp8 weight-only (float-quantized, no input_activations) --------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("weight_strategy", ["tensor", "channel"])
+def test_fp8_weight_only_keeps_activations_in_float_and_saves_back(weight_strategy, dtype):
+    n, k = 40, 96
+    seed("fp8-wo", weight_strategy, dtype)
+    tensors, rows = make_fp8(n, k, weight_strategy, dtype)
+    bias = torch.randn(n).to(dtype)
+    config = fp8_config(weight_strategy)
+    config["config_groups"]["group_0"]["input_activations"] = None
+    layer = load_layer(CompressedTensorsLinearMethod.from_config(config), k, n, tensors, bias, dtype)
+    assert isinstance(layer.scheme, Fp8WeightOnlyLinearMethod)
+    assert torch.equal(layer.qweight.view(torch.uint8), tensors["weight"].view(torch.uint8))
+    x = torch.randn(5, k).to(dtype) * 3
+    expected = x.double() @ (tensors["weight"].double() * rows.double()[:, None]).t() + bias.double()
+    assert rel_err(layer(x), expected) <= TOL[dtype]
+    # Not the W8A8 product: the activations are not rounded to e4m3.
+    assert rel_err(fp8_reference(x, tensors["weight"], rows, "token", None, bias), expected) > 1e-3
+    written = export_layer(layer, "compressed-tensors", ["blk.proj"])
+    assert torch.equal(written["blk.proj.weight"].view(torch.uint8), tensors["weight"].view(torch.uint8))
+    assert torch.equal(written["blk.proj.weight_scale"], tensors["weight_scale"].float())  # float32, as the fp8 writer stores
+    assert "blk.proj.input_scale" not in written
+
+
+def test_fp8_weight_only_checkpoint_through_from_pretrained(tmp_path):
+    """A tiny Llama with fp8 weight-only layers, written here: from_pretrained computes the float
+    model with the e4m3 weights, and save_quantized -> from_pretrained gives the same logits."""
+    import json
+
+    from hf_models import build_model
+
+    torch.manual_seed(0)
+    float_model = build_model("llama")
+    state = {name: t.detach().clone() for name, t in float_model.state_dict().items()}
+    expected_model = copy.deepcopy(float_model)
+    for name, module in expected_model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            w = state.pop(f"{name}.weight")
+            scale = w.abs().amax(1, keepdim=True) / 448
+            state[f"{name}.weight"] = (w / scale).to(FP8_DTYPE)
+            state[f"{name}.weight_scale"] = scale
+            module.weight.data = state[f"{name}.weight"].float() * scale
+    config = fp8_config("channel", ignore=["lm_head"])
+    config["config_groups"]["group_0"]["input_activations"] = None
+    (tmp_path / "src").mkdir()
+    save_file(state, str(tmp_path / "src" / "model.safetensors"))
+    (tmp_path / "src" / "config.json").write_text(json.dumps(float_model.config.to_dict() | {"quantization_config": config}))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    model = pymllm_fx.from_pretrained(tmp_path / "src", progress=False)
+    assert "W8A16 e4m3 checkpoint, per-channel weight scale" in str(pymllm_fx.explain(model, file=None))
+    with torch.no_grad():
+        out = model(ids).logits
+        assert rel_err(out, expected_model(ids).logits) <= 1e-5
+        pymllm_fx.save_quantized(model, tmp_path / "out", format="compressed-tensors", progress=False)
+        saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+        assert [g["input_activations"] for g in saved["config_groups"].values()] == [None]
+        assert torch.equal(pymllm_fx.from_pretrained(tmp_path / "out", progress=False)(ids).logits, out)
