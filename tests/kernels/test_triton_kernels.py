@@ -235,6 +235,9 @@ def test_ops_on_cuda_at_llama_shapes(k, n, m):
     s8 = (torch.rand(n, device="cuda") * 0.01).to(torch.bfloat16)
     out = torch.ops.pymllm_fx.w8a16_linear(x, q8, s8, bias)
     assert rel_err(out, w8a16.w8a16_reference(x, q8, s8, bias)) <= 1e-2
+    e4m3 = (torch.randn(n, k, device="cuda") * 64).clamp(-448, 448).to(fp8_w8a8.FP8_DTYPE)  # fp8 weight-only
+    out = torch.ops.pymllm_fx.w8a16_linear(x, e4m3, s8, bias)
+    assert rel_err(out, w8a16.w8a16_reference(x, e4m3, s8, bias)) <= 1e-2
     weight, weight_scale = fp8_w8a8.quantize_fp8_per_channel(torch.randn(n, k, device="cuda"))
     out = torch.ops.pymllm_fx.fp8_linear(x, weight, weight_scale, bias)
     assert rel_err(out, fp8_w8a8.fp8_linear_reference(x, weight, weight_scale, bias)) <= 1e-2
