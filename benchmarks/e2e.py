@@ -95,7 +95,8 @@ from common import (
     timed,
 )
 
-METHODS = ("bf16", "int8", "int4", "fp8", "torchao-int4", "bf16-fused", "int8-unfused", "int4-unfused", "fp8-unfused")
+METHODS = ("bf16", "int8", "int4", "fp8", "w8a8", "torchao-int4", "bf16-fused", "int8-unfused", "int4-unfused", "fp8-unfused",
+           "w8a8-unfused")
 PHASES = ("prefill", "gen", "lean", "logits", "split")
 MODELS = ("llama3-8b", "llama3-70b", "qwen3-moe")
 ALL_REDUCE = ("nccl", "one_shot", "two_shot", "inductor")
@@ -174,7 +175,7 @@ def apply_method(model: nn.Module, method: str, group=None) -> nn.Module:
     if method == "bf16-fused":
         return pymllm_fx.quantize(model, "none", progress=False, process_group=group)
     base, _, unfused = method.partition("-")
-    if base in ("int8", "int4", "fp8") and unfused in ("", "unfused"):
+    if base in ("int8", "int4", "fp8", "w8a8") and unfused in ("", "unfused"):
         # int4: group_size 128, asym (the defaults)
         return pymllm_fx.quantize(model, base, progress=False, process_group=group, fuse_siblings=not unfused)
     if group:

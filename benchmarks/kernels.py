@@ -26,6 +26,12 @@ ours-fp8          ``torch.ops.pymllm_fx.fp8_linear`` (e4m3 weights per channel, 
 scaled-mm-eager   the fp8 peer: per-token quantization in unfused eager torch ops
                   (``x.abs().amax(-1) / 448``, divide, clamp, cast to e4m3) then ``torch._scaled_mm`` with
                   row-wise scales and bf16 output, on the same fp8 weights as ours-fp8.
+ours-w8a8         ``torch.ops.pymllm_fx.w8a8_linear`` (int8 weights per channel, int8 activations per token:
+                  fused GEMV at M = 1, else the row quantizer and the int8 tensor-core GEMM).
+int_mm            the int8 peer: per-token quantization in unfused eager torch ops (``x.abs().amax(-1) / 127``,
+                  divide, round, clamp, cast to int8), ``torch._int_mm`` (cuBLAS int8, int32 out; its M > 16
+                  rule is met by padding smaller M to 17 rows) and both scales in eager ops, on the same
+                  int8 weights as ours-w8a8.
 
 Method. Every timing is ``timing.graph_time_us``: the calls are captured in one CUDA graph (no launch
 gaps, no Python overhead) and the graph is replayed; the median replay over the number of calls is
@@ -35,8 +41,9 @@ overflows L2 and every call reads its weights from HBM, as in a model's forward.
 implementation is called once to compile / autotune, then checked once:
 ``rel.err = ||out - ref|| / ||ref||`` with ref = ``x @ reference_weight.T`` in fp32 for bf16 and the
 peers, and the op's own torch reference for ours (``w4a16_reference``, ``w8a16_reference``,
-``fp8_linear_reference``); ref-compiled is checked against eager ``w4a16_reference`` and
-scaled-mm-eager against ``fp8_linear_reference`` (same per-token fp8 math). A row with rel.err above
+``fp8_linear_reference``, ``w8a8_reference``); ref-compiled is checked against eager ``w4a16_reference``,
+scaled-mm-eager against ``fp8_linear_reference`` (same per-token fp8 math) and int_mm against
+``w8a8_reference`` (same per-token int8 math). A row with rel.err above
 2e-2 is still timed but flagged ``!`` (gemlite's default bf16-atomic split-K paths for M < 64 can land
 near 2e-2).
 
@@ -90,7 +97,8 @@ SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N)
 MS = [1, 8, 32, 128, 1024, 4096]
 GROUP = 128
 ERR_FLAG = 2e-2
-IMPLS = ["bf16", "tinygemm", "gemlite", "ref-compiled", "ours-int4", "ours-int8", "ours-fp8", "scaled-mm-eager"]
+IMPLS = ["bf16", "tinygemm", "gemlite", "ref-compiled", "ours-int4", "ours-int8", "ours-fp8", "scaled-mm-eager",
+         "ours-w8a8", "int_mm"]
 REF_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}  # --ref-modes -> torch.compile mode
 FIRST_COMPILE_GUESS_S = {"default": 20.0, "max-autotune": 60.0}  # budget estimate before any compile was seen
 INT4_PEERS = ("tinygemm", "gemlite")
@@ -154,6 +162,13 @@ def make_fp8(n: int, k: int) -> dict:
     return dict(weight=weight, weight_scale=scale)
 
 
+def make_w8a8(n: int, k: int) -> dict:
+    return dict(
+        qweight=torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8),
+        weight_scale=torch.rand(n, device="cuda") * 0.0002 + 0.0001,
+    )
+
+
 def make_copies(maker: Callable[[int, int], dict], n: int, k: int) -> List[dict]:
     first = maker(n, k)
     return [first] + [maker(n, k) for _ in range(copies_for(nbytes(first)) - 1)]
@@ -169,6 +184,19 @@ def scaled_mm_eager(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     return torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], out_dtype=torch.bfloat16
     )
+
+
+def int_mm_eager(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The int8 baseline: per-token quantization in separate eager ops, cuBLAS's int8 GEMM
+    (``torch._int_mm``, int32 out), then both scales. Same values as w8a8.quantize_int8_per_token:
+    amax is exact in bf16, and bf16 x / fp32 scale promotes to fp32."""
+    m = x.shape[0]
+    x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127.0).clamp(min=1e-12)  # (M, 1) fp32
+    xq = torch.round(x / x_scale).clamp(-128, 127).to(torch.int8)
+    if m <= 16:  # _int_mm needs M > 16
+        xq = F.pad(xq, (0, 0, 0, 17 - m))
+    acc = torch._int_mm(xq, qweight.t())[:m]
+    return (acc.float() * x_scale * weight_scale).to(torch.bfloat16)
 
 
 def _ref_w4(x, qweight, scales, zeros):
@@ -296,7 +324,7 @@ def time_spec(rec: Recorder, impl: str, k: int, n: int, m: int, spec: Spec, x: t
 # --- building the implementations at one shape ---------------------------------------------------------
 
 
-def build(impl: str, k: int, n: int, w0: torch.Tensor, fp8_ws: list, int4_ws: list, peers) -> Spec:
+def build(impl: str, k: int, n: int, w0: torch.Tensor, fp8_ws: list, int4_ws: list, peers, w8a8_ws: list = None) -> Spec:
     """Weight copies and per-copy callables of ``impl`` at (K, N). ``w0`` is the bf16 weight the
     peers quantize (and bf16's first copy)."""
     if impl == "bf16":
@@ -333,6 +361,17 @@ def build(impl: str, k: int, n: int, w0: torch.Tensor, fp8_ws: list, int4_ws: li
         else:
             fns = [lambda x, w=w: scaled_mm_eager(x, w["weight"], w["weight_scale"]) for w in fp8_ws]
         return Spec(fns, ref, nbytes(fp8_ws[0]))
+    if impl in ("ours-w8a8", "int_mm"):
+        from pymllm_fx.kernels import w8a8
+
+        ws = w8a8_ws
+        ref = lambda x: w8a8.w8a8_reference(x, **ws[0])  # noqa: E731
+        if impl == "ours-w8a8":
+            op = torch.ops.pymllm_fx.w8a8_linear
+            fns = [lambda x, w=w: op(x, w["qweight"], w["weight_scale"], None, None, None, None) for w in ws]
+        else:
+            fns = [lambda x, w=w: int_mm_eager(x, w["qweight"], w["weight_scale"]) for w in ws]
+        return Spec(fns, ref, nbytes(ws[0]))
     raise ValueError(impl)
 
 
@@ -350,8 +389,10 @@ def run_shape(rec: Recorder, k: int, n: int, ms: List[int], impls: List[str], pe
         return
     torch.manual_seed(k * 100003 + n)
     w0 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    shared = {}  # int4 copies (ours-int4, later ref-compiled) and fp8 copies (ours-fp8, scaled-mm-eager)
-    for key, maker, users in (("int4", make_w4, {"ours-int4"}), ("fp8", make_fp8, {"ours-fp8", "scaled-mm-eager"})):
+    shared = {}  # int4 copies (ours-int4, later ref-compiled), fp8 (ours-fp8, scaled-mm-eager), w8a8 (ours-w8a8, int_mm)
+    users_of = {"int4": {"ours-int4"}, "fp8": {"ours-fp8", "scaled-mm-eager"}, "w8a8": {"ours-w8a8", "int_mm"}}
+    for key, maker in (("int4", make_w4), ("fp8", make_fp8), ("w8a8", make_w8a8)):
+        users = users_of[key]
         if users & set(impls) or (key == "int4" and int4_cache is not None):
             try:
                 shared[key] = make_copies(maker, n, k)
@@ -363,9 +404,9 @@ def run_shape(rec: Recorder, k: int, n: int, ms: List[int], impls: List[str], pe
     for impl in impls:
         try:
             for key, value in shared.items():
-                if isinstance(value, str) and impl in ({"ours-int4"} if key == "int4" else {"ours-fp8", "scaled-mm-eager"}):
+                if isinstance(value, str) and impl in users_of[key]:
                     raise RuntimeError(f"making the {key} weights failed: {value}")
-            specs[impl] = build(impl, k, n, w0, shared.get("fp8"), shared.get("int4"), peers)
+            specs[impl] = build(impl, k, n, w0, shared.get("fp8"), shared.get("int4"), peers, shared.get("w8a8"))
         except Exception as exc:
             specs[impl] = short_error(exc)
     for m in ms:

@@ -1,6 +1,8 @@
-"""W8A16: int8 weights with one scale per output channel, 16-bit activations.
+"""W8A16: 8-bit weights with one scale per output channel, 16-bit activations.
 
-Layout: ``qweight`` int8 ``(N, K)``, ``scales`` ``(N,)`` float; the weight is ``qweight * scales``.
+Layout: ``qweight`` int8 or float8_e4m3fn ``(N, K)``, ``scales`` ``(N,)`` float; the weight is
+``qweight * scales``. e4m3 codes (fp8 weight-only checkpoints) reach the kernels as their bytes and
+are decoded there (every e4m3 value is exact in bf16, fp16 and float32).
 """
 
 from typing import Optional
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pymllm_fx.kernels._checks import FLOATS, check_activation, check_bias, check_tensor
+from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE
 from pymllm_fx.kernels._triton import (
     INTERPRET,
     as_rows,
@@ -28,7 +31,7 @@ def _check(x, qweight, scales, bias) -> None:
         raise ValueError(f"{op}: qweight must be 2-D (N, K), got shape {tuple(qweight.shape)}")
     n, k = qweight.shape
     check_activation(op, x, k)
-    check_tensor(op, "qweight", qweight, (n, k), (torch.int8,), x.device)
+    check_tensor(op, "qweight", qweight, (n, k), (torch.int8, FP8_DTYPE), x.device)
     check_tensor(op, "scales", scales, (n,), FLOATS, x.device)
     check_bias(op, bias, n, x.device)
     check_contiguous(op, qweight=qweight, scales=scales, bias=bias)
@@ -66,9 +69,18 @@ def _int8_to_f32(q, ASM: tl.constexpr):
 
 
 @triton.jit
+def _codes_to_f32(q, ASM: tl.constexpr, FP8: tl.constexpr):
+    """int8 codes, or the bytes of e4m3 codes (FP8), as float32."""
+    if FP8:
+        return q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return _int8_to_f32(q, ASM)
+
+
+@triton.jit
 def _w8a16_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """Decode path, one activation row: ``out (1, N) = x (1, K) @ (q * s).T``.
 
@@ -86,11 +98,11 @@ def _w8a16_gemv_kernel(
     full = K // BLOCK_K
     for b in range(0, full):
         q = tl.load(q_ptrs + b * BLOCK_K)
-        acc += _int8_to_f32(q, ASM) * tl.load(x_ptrs + b * BLOCK_K).to(tl.float32)
+        acc += _codes_to_f32(q, ASM, FP8) * tl.load(x_ptrs + b * BLOCK_K).to(tl.float32)
     if not EVEN_K:
         k_ok = (full * BLOCK_K + offs_k < K)[None, :] & (rows[:, None] >= 0)
         q = tl.load(q_ptrs + full * BLOCK_K, mask=k_ok, other=0)
-        acc += _int8_to_f32(q, ASM) * tl.load(x_ptrs + full * BLOCK_K, mask=k_ok, other=0.0).to(tl.float32)
+        acc += _codes_to_f32(q, ASM, FP8) * tl.load(x_ptrs + full * BLOCK_K, mask=k_ok, other=0.0).to(tl.float32)
     out = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows).to(tl.float32)
@@ -98,7 +110,7 @@ def _w8a16_gemv_kernel(
 
 
 @triton.jit
-def _w8a16_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w8a16_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
     """The float weight ``q * s`` ``(N, K)`` in the output's dtype (exact in float32, rounded once,
     as the reference): one pass, 16-byte loads, for cuBLAS at large M."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,7 +119,7 @@ def _w8a16_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BL
     ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     offs = rows[:, None].to(tl.int64) * K + offs_k[None, :]
     q = tl.load(q_ptr + offs, mask=ok, other=0)
-    w = q.to(tl.float32) * tl.load(s_ptr + rows).to(tl.float32)[:, None]
+    w = _codes_to_f32(q, False, FP8) * tl.load(s_ptr + rows).to(tl.float32)[:, None]
     tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -115,9 +127,9 @@ def _w8a16_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BL
 def _w8a16_gemm_kernel(
     x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_F32: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, FP8: tl.constexpr,
 ):
-    """Tensor-core path: int8 tiles converted to the activation dtype and fed to ``tl.dot``."""
+    """Tensor-core path: 8-bit tiles converted to the activation dtype and fed to ``tl.dot``."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,6 +142,8 @@ def _w8a16_gemm_kernel(
         k_ok = k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         q = tl.load(qweight_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        if FP8:
+            q = q.to(tl.float8e4nv, bitcast=True)
         if DOT_F32:  # fp32 activations, and Triton's interpreter, which mishandles bf16 dots
             acc = tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
         else:
@@ -163,11 +177,13 @@ def w8a16_gemv(x2, qweight, scales, bias, config=None):
     n = qweight.shape[0]
     cfg = dict(config or gemv_8bit_config(n, k))
     asm = cfg.pop("ASM", True) and not INTERPRET
+    fp8 = qweight.dtype == FP8_DTYPE
+    codes = qweight.view(torch.uint8) if fp8 else qweight
     out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     for row in range(m):
         wrap_triton(_w8a16_gemv_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-            x2[row], qweight, scales, bias if bias is not None else scales, out[row], n, k,
-            HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, ASM=asm, **cfg,
+            x2[row], codes, scales, bias if bias is not None else scales, out[row], n, k,
+            HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, ASM=asm, FP8=fp8, **cfg,
         )
     return out
 
@@ -181,9 +197,11 @@ def w8a16_gemm(x2, qweight, scales, bias, config=None):
     cfg = config or _gemm_config(m, n, k)
     out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    fp8 = qweight.dtype == FP8_DTYPE
     wrap_triton(_w8a16_gemm_kernel)[grid](
-        x2, qweight, scales, bias if bias is not None else scales, out, m, n, k, x2.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, DOT_F32=INTERPRET or x2.dtype == torch.float32, **cfg,
+        x2, qweight.view(torch.uint8) if fp8 else qweight, scales, bias if bias is not None else scales, out, m, n, k,
+        x2.stride(0), out.stride(0), HAS_BIAS=bias is not None, DOT_F32=INTERPRET or x2.dtype == torch.float32, FP8=fp8,
+        **cfg,
     )
     return out
 
@@ -194,8 +212,10 @@ def w8a16_dequantize(qweight, scales, dtype, block_n: int = 8, block_k: int = 51
 
     n, k = qweight.shape
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
+    fp8 = qweight.dtype == FP8_DTYPE
     wrap_triton(_w8a16_dequant_kernel)[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        qweight, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        qweight.view(torch.uint8) if fp8 else qweight, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8,
+        num_warps=4,
     )
     return out
 
@@ -220,7 +240,7 @@ def w8a16_triton(x, qweight, scales, bias):
 def w8a16_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """``x @ (qweight * scales).T + bias``: Triton on CUDA, the torch reference elsewhere."""
+    """``x @ (qweight * scales).T + bias`` (int8 or e4m3 codes): Triton on CUDA, the torch reference elsewhere."""
     _check(x, qweight, scales, bias)
     if runs_triton(x):
         return w8a16_triton(x, qweight, scales, bias)

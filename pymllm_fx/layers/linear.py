@@ -113,7 +113,10 @@ class LinearBase(nn.Module):
         them in float32). Scales and zero points that the new dtype cannot hold (a value that would
         overflow or flush to zero) stay in their dtype, with a warning; the kernels read either."""
         params = {n: p for n, p in self._parameters.items() if p is not None}
-        fp8_layer = any(p.is_floating_point() and not holds_values(p) for p in params.values())
+        # fp8 layers and methods that declare float32_scales read their scales in float32 (the W8A8 ops).
+        method = getattr(self, "scheme", self.quant_method)
+        fp8_layer = any(p.is_floating_point() and not holds_values(p) for p in params.values()) or getattr(
+            method, "float32_scales", False)
         keep, new_dtype, lossy = set(), None, []
         for name, param in params.items():
             if not holds_values(param):

@@ -21,7 +21,8 @@ Formats, each checked against the tool that writes it:
   Skipped linears other than ``lm_head`` are listed as GPTQModel ``dynamic`` "-:" (skip) rules.
 - ``"compressed-tensors"``: llm-compressor (``compressors/quantized_compressors/pack_quantized.py``
   ``pack_to_int32``, ``quantization/quant_config.py``, ``ModelCompressor.update_config``).
-  int4 / int8 ``pack-quantized`` (group or channel) and fp8 ``float-quantized`` (tensor, channel or
+  int4 / int8 ``pack-quantized`` (group or channel), W8A8 int8 ``int-quantized`` (``weight`` int8,
+  ``weight_scale``, static ``input_scale`` / ``input_zero_point``) and fp8 ``float-quantized`` (tensor, channel or
   block weight scales; dynamic per-token / per-tensor / per-group or static activations); one config group per
   distinct scheme, targets ``["Linear"]`` when there is a single scheme (and no GPT-2 ``Conv1D``,
   whose class is not "Linear"), else the module names.
@@ -70,12 +71,14 @@ from pymllm_fx.methods.compressed_tensors import (
     CHANNEL_RUNTIME_GROUP,
     CompressedTensorsLinearMethod,
     PackedIntLinearMethod,
+    exact_in,
 )
 from pymllm_fx.methods.fp8 import Fp8LinearMethod
-from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, Fp8WeightOnlyLinearMethod
 from pymllm_fx.methods.gptq import GPTQLinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
+from pymllm_fx.methods.w8a8 import W8A8CheckpointLinearMethod, W8A8LinearMethod
 from pymllm_fx.passes import is_linear_module
 
 FORMATS = ("awq", "gptq", "compressed-tensors", "fp8")
@@ -96,18 +99,19 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 class Quantized:
     """One layer's (or shard's) quantized weight in checkpoint terms, before a format packs it."""
 
-    kind: str  # "int4", "int8" or "fp8"
-    # int4: codes 0..15 int32 (N, K) in checkpoint column order; int8: int8 (N, K); fp8: e4m3 (N, K)
+    kind: str  # "int4", "int8" (weight-only), "w8a8" (int8 weights and activations) or "fp8"
+    # int4: codes 0..15 int32 (N, K) in checkpoint column order; int8, w8a8: int8 (N, K); fp8: e4m3 (N, K)
     weight: torch.Tensor
-    # int4: (N, G), one per checkpoint group; int8 and fp8: (N,), one per output row;
+    # int4: (N, G), one per checkpoint group; int8, w8a8 and fp8: (N,), one per output row;
     # fp8 block: float32 (ceil(N / bn), ceil(K / bk)), one per weight block
     scales: torch.Tensor
     zeros: Optional[torch.Tensor] = None  # int4 asymmetric: int32 (N, G) zero points 0..15; None: 8
     group_size: int = -1  # int4: inputs per group (the last may be shorter); -1: one group per row
     g_idx: Optional[torch.Tensor] = None  # int4 act-order: int32 (K,) group of each input, unsorted
-    activation: str = "token"  # fp8: "token" / "tensor" (dynamic), "static", or "group" (block)
-    input_scale: Optional[torch.Tensor] = None  # fp8 static: float32 (1,)
-    weight_strategy: str = "channel"  # fp8: "channel", "tensor" or "block", as calibration or the checkpoint declared
+    activation: str = "token"  # fp8, w8a8: "token" / "tensor" (dynamic), "static", "group" (fp8 block), "none" (fp8 weight-only)
+    input_scale: Optional[torch.Tensor] = None  # fp8, w8a8 static: float (1,)
+    input_zero_point: Optional[torch.Tensor] = None  # w8a8 static asymmetric: int32 (1,)
+    weight_strategy: str = "channel"  # fp8, w8a8: "channel", "tensor" or "block", as calibration or the checkpoint declared
     block_size: Optional[Tuple[int, int]] = None  # fp8 block: (bn, bk) weight rows and columns per scale
 
     def rows(self, start: int, stop: int) -> "Quantized":
@@ -145,13 +149,29 @@ def read_layer(layer: nn.Module, where: str = "") -> Optional[Quantized]:
     if isinstance(method, PackedIntLinearMethod):
         if method.num_bits == 8:
             return Quantized("int8", layer.qweight.data, layer.scales.data)
-        if method.strategy == "group":
-            return _read_int4(layer, where, method.group_size, method.group_size, per_row=False)
+        if method.strategy == "group":  # actorder "group": the runtime permutation gives back weight_g_idx
+            return _read_int4(layer, where, method.group_size, method.group_size, per_row=False,
+                              perm=getattr(layer, "perm", None))
         return _read_int4(layer, where, k, CHANNEL_RUNTIME_GROUP, per_row=True)
     if isinstance(method, Int8LinearMethod):
         return Quantized("int8", layer.qweight.data, layer.scales.data)
+    if isinstance(method, (W8A8LinearMethod, W8A8CheckpointLinearMethod)):
+        # Scales run in float32; a checkpoint's bf16 / fp16 scales are written back in their own dtype.
+        dtype = getattr(layer, "params_dtype", torch.float32)
+        static = getattr(method, "activation_scheme", "dynamic") == "static"
+        zero = getattr(layer, "input_zero_point", None)
+        return Quantized(
+            "w8a8", layer.qweight.data, exact_in(layer.weight_scale.data, dtype),
+            activation="static" if static else "token",
+            input_scale=exact_in(layer.input_scale.data, dtype) if static else None,
+            input_zero_point=None if zero is None else zero.data,
+            weight_strategy=getattr(method, "weight_strategy", "channel"),
+        )
     if isinstance(method, Fp8LinearMethod):
         return Quantized("fp8", layer.weight.data, layer.weight_scale.data, weight_strategy=method.weight_strategy)
+    if isinstance(method, Fp8WeightOnlyLinearMethod):
+        return Quantized("fp8", layer.qweight.data, layer.scales.data, activation="none",
+                         weight_strategy=method.weight_strategy)
     if isinstance(method, Fp8CheckpointLinearMethod):
         if layer.weight.dtype != FP8_DTYPE:
             return None  # a layer the checkpoint left in float
@@ -245,8 +265,13 @@ def _what(q: Quantized) -> str:
         return f"an int4 layer ({group}, {'symmetric' if q.zeros is None else 'asymmetric'}{order})"
     if q.kind == "int8":
         return "an int8 per-channel layer"
+    if q.kind == "w8a8":
+        acts = "static" if q.activation == "static" else "per-token dynamic"
+        return f"a W8A8 int8 layer ({acts} int8 activations)"
     if q.block_size is not None:
         return f"an fp8 layer ({q.block_size[0]}x{q.block_size[1]} block weight scales)"
+    if q.activation == "none":
+        return f"an fp8 weight-only layer (per-{'tensor' if q.weight_strategy == 'tensor' else 'channel'} weight scale)"
     return f"an fp8 layer (per-{'tensor' if q.weight_strategy == 'tensor' else 'channel'} weight scale)"
 
 
@@ -283,8 +308,8 @@ class _AWQ:
         for site in sites:
             q = site.q
             if q.kind != "int4":
-                fix = "use format='gptq' (8-bit per-channel) or 'compressed-tensors'" if q.kind == "int8" else \
-                    "use format='compressed-tensors' or 'fp8'"
+                fix = {"int8": "use format='gptq' (8-bit per-channel) or 'compressed-tensors'",
+                       "w8a8": "use format='compressed-tensors'"}.get(q.kind, "use format='compressed-tensors' or 'fp8'")
                 raise _refuse(site, self.fmt, "AutoAWQ GEMM checkpoints hold 4-bit weights only", fix)
             if q.g_idx is not None:
                 raise _refuse(site, self.fmt, "AWQ has no g_idx to record the act-order input permutation",
@@ -331,6 +356,9 @@ class _GPTQ:
         for site in sites:
             if site.q.kind == "fp8":
                 raise _refuse(site, self.fmt, "GPTQ holds integer weights", "use format='compressed-tensors' or 'fp8'")
+            if site.q.kind == "w8a8":
+                raise _refuse(site, self.fmt, "GPTQ holds weight-only layers and would drop the int8 activations",
+                              "use format='compressed-tensors'")
         bits = _one_value(sites, lambda s: 8 if s.q.kind == "int8" else 4, self.fmt, "bit width",
                           "use format='compressed-tensors', which has one config group per scheme")
         self.bits = bits or 4
@@ -409,23 +437,35 @@ class _CompressedTensors:
     def _scheme(self, site: _Site) -> dict:
         q = site.q
         if q.kind == "int4":
-            if q.g_idx is not None:
-                raise _refuse(site, self.fmt, "its act-order permutation needs actorder 'group' (weight_g_idx), which "
-                              "pymllm_fx does not load", "use format='gptq'")
             if q.zeros is not None and q.group_size != -1 and site.k % q.group_size:
                 raise _refuse(site, self.fmt, f"in_features={site.k} is not a multiple of group_size {q.group_size}, "
                               f"and compressed-tensors sizes asymmetric zero points by whole groups", "use format='gptq'")
             strategy = "channel" if q.group_size == -1 else "group"
             weights = _ct_args(4, "int", q.zeros is None, strategy, None if strategy == "channel" else q.group_size)
+            if q.g_idx is not None:  # act-order: the group of each input in weight_g_idx
+                weights["actorder"] = "group"
             return {"weights": weights, "input_activations": None, "output_activations": None, "format": "pack-quantized"}
         if q.kind == "int8":
             weights = _ct_args(8, "int", True, "channel", None)
             return {"weights": weights, "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+        if q.kind == "w8a8":  # the W8A8 preset (dynamic) or its static variant
+            strategy = "tensor" if q.weight_strategy == "tensor" and site.per_tensor else "channel"
+            if q.activation == "static":
+                acts = _ct_args(8, "int", q.input_zero_point is None, "tensor", None, dynamic=False)
+                if q.input_zero_point is not None:
+                    acts["zp_dtype"] = "torch.int8"  # what compressed-tensors serializes for asymmetric int8
+            else:
+                acts = _ct_args(8, "int", True, "token", None, dynamic=True)
+            return {"weights": _ct_args(8, "int", True, strategy, None), "input_activations": acts,
+                    "output_activations": None, "format": "int-quantized"}
         if q.block_size is not None:  # the FP8_BLOCK scheme
             weights = {**_ct_args(8, "float", True, "block", None), "block_structure": list(q.block_size)}
             acts = _ct_args(8, "float", True, "group", q.block_size[1], dynamic=True)
             return {"weights": weights, "input_activations": acts, "output_activations": None, "format": "float-quantized"}
         strategy = "tensor" if q.weight_strategy == "tensor" and site.per_tensor else "channel"
+        if q.activation == "none":  # fp8 weight-only
+            return {"weights": _ct_args(8, "float", True, strategy, None), "input_activations": None,
+                    "output_activations": None, "format": "float-quantized"}
         if q.activation == "static":
             acts = _ct_args(8, "float", True, "tensor", None, dynamic=False)
         else:
@@ -445,6 +485,15 @@ class _CompressedTensors:
             if q.input_scale is not None:
                 out["input_scale"] = q.input_scale.float().reshape(1)
             return out
+        if q.kind == "w8a8":
+            tensor = q.weight_strategy == "tensor" and site.per_tensor
+            out = {"weight": q.weight.t() if site.conv1d else q.weight,
+                   "weight_scale": q.scales[:1] if tensor else q.scales.reshape(n, 1)}
+            if q.input_scale is not None:
+                out["input_scale"] = q.input_scale.reshape(1)
+            if q.input_zero_point is not None:
+                out["input_zero_point"] = q.input_zero_point.to(torch.int8).reshape(1)
+            return out
         if q.kind == "int8":
             packed, scale = pack_words(q.weight.to(torch.int32) + 128, 8), q.scales.reshape(n, 1)
         else:
@@ -452,6 +501,8 @@ class _CompressedTensors:
         out = {"weight_packed": packed, "weight_scale": scale}
         if q.kind == "int4" and q.zeros is not None:  # zero_point + 8, packed along the outputs
             out["weight_zero_point"] = pack_words(q.zeros.t(), 4).t()
+        if q.kind == "int4" and q.g_idx is not None:
+            out["weight_g_idx"] = q.g_idx
         out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
         return out
 
@@ -476,6 +527,7 @@ class _Fp8:
             q = site.q
             if q.kind != "fp8":
                 raise _refuse(site, self.fmt, "the fp8 format holds e4m3 weights only",
+                              "use format='compressed-tensors'" if q.kind == "w8a8" else
                               "use format='awq', 'gptq' or 'compressed-tensors'")
             if q.block_size is not None:
                 continue
@@ -483,6 +535,9 @@ class _Fp8:
                 raise _refuse(site, self.fmt, "its rows have different scales and the fp8 format stores one "
                               "weight_scale per weight", "use format='compressed-tensors' (float-quantized, strategy "
                               "channel), or quantize with {'quant_method': 'fp8', 'weight_strategy': 'tensor'}")
+            if q.activation == "none":
+                raise _refuse(site, self.fmt, "its activations stay in float, and an fp8 checkpoint quantizes them",
+                              "use format='compressed-tensors'")
             if q.activation == "tensor":
                 raise _refuse(site, self.fmt, "its activations are quantized per tensor at run time, and a dynamic "
                               "fp8 checkpoint loads with per-token activation scales", "use format='compressed-tensors'")

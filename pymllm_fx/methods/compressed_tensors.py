@@ -21,6 +21,9 @@ Schemes and their checkpoint tensors (N = out features, K = in features):
 - ``weight_zero_point`` (asymmetric only) int32 ``(ceil(N / f), G)``: signed zero points offset
   and packed the same way, but along the output dim.
 - ``weight_shape`` ``[N, K]``. The weight is ``(q - zero_point) * scale``.
+- ``weight_g_idx`` int32 ``(K,)`` (4-bit ``actorder: "group"`` only): the group of each input; the
+  inputs are sorted by it at load (a stable sort gives the groups in scale-column order) and the
+  activations permuted the same way per call, as GPTQ act-order.
 
 In merged and tensor-parallel layers a slice must be whole words and whole groups: a row-parallel
 rank's in features a multiple of ``32 / bits`` and of ``group_size``; with asymmetric zero points
@@ -37,8 +40,15 @@ repeated over groups of 128 (exact). 8-bit symmetric "channel" runs on ``w8a16_l
 static; strategy "block" (the FP8_BLOCK preset): ``weight_scale`` one per ``block_structure``
 block, activations dynamic per token and group of the block's K size).
 
-Anything else (int8 activations, fp8 weight-only, tensor-group strategies, activation
-ordering by group, sparsity, transforms, kv-cache schemes) raises NotImplementedError naming it.
+``int-quantized`` int8 weights with int8 activations (the W8A8 preset; dynamic per-token or
+static per-tensor activations, symmetric or, static only, with ``input_zero_point``): see
+``w8a8.py`` (``weight`` int8, ``weight_scale``, ``input_scale``, ``input_zero_point``).
+
+``float-quantized`` e4m3 weights without ``input_activations`` (fp8 weight-only; "tensor" or
+"channel" scales) run on ``w8a16_linear``, activations left in float (``fp8_checkpoint.py``).
+
+Anything else (asymmetric dynamic int8 activations, tensor-group strategies, sparsity,
+transforms, kv-cache schemes) raises NotImplementedError naming it.
 """
 
 from __future__ import annotations
@@ -61,8 +71,10 @@ from pymllm_fx.layers.parameter import (
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
 from pymllm_fx.methods.common import check_dequantized_range, check_finite, config_pattern
 from pymllm_fx.methods.config_keys import COMPRESSED_TENSORS_KEYS, check_producer_keys
-from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, explain_errors
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, Fp8WeightOnlyLinearMethod, explain_errors
+from pymllm_fx.methods.gptq import _g_idx_loader
 from pymllm_fx.methods.int4 import GROUP_SIZES
+from pymllm_fx.methods.w8a8 import W8A8CheckpointLinearMethod
 
 # The w4a16 group size a "channel" scale is repeated over: exact, and a tile size the kernels have.
 CHANNEL_RUNTIME_GROUP = 128
@@ -104,6 +116,7 @@ class PackedIntLinearMethod(LinearMethodBase):
     strategy: str = "group"
     group_size: Optional[int] = 128  # None for "channel"
     symmetric: bool = True
+    actorder: bool = False  # actorder "group": weight_g_idx numbers each input's group (4-bit groups)
 
     name = "compressed-tensors"
 
@@ -123,6 +136,8 @@ class PackedIntLinearMethod(LinearMethodBase):
                 f"compressed-tensors: group_size {self.group_size} is not supported; the w4a16 kernels take "
                 f"{', '.join(map(str, GROUP_SIZES))} (or strategy 'channel')"
             )
+        if self.actorder and (self.num_bits != 4 or self.strategy != "group"):
+            raise NotImplementedError("compressed-tensors: actorder 'group' loads only with 4-bit 'group' weights")
         if self.num_bits == 8 and (self.strategy != "channel" or not self.symmetric):
             raise NotImplementedError(
                 "compressed-tensors: 8-bit weights load only as symmetric 'channel' (w8a16_linear has one "
@@ -177,6 +192,12 @@ class PackedIntLinearMethod(LinearMethodBase):
                 f"but {rank_share(layer, *unaligned, n != output_size)} is not a multiple of "
                 f"{self.per_word}, so it cannot be split into shards or ranks; {fix}"
             )
+        if in_split and self.actorder:  # as GPTQ act-order: each rank would hold part of every group
+            raise NotImplementedError(
+                f"{where}: actorder 'group' (weight_g_idx) numbers groups over a permutation of all {input_size} "
+                f"inputs, so a row-parallel rank's slice of {k} mixes members of every group, which the W4A16 "
+                f"kernel's contiguous groups cannot express; keep this layer unsplit"
+            )
         groups = num_groups(k, self.group_size) if self.strategy == "group" else 1
         loader = extra_weight_attrs.get("weight_loader", default_weight_loader)
         bits = f"{self.num_bits}-bit"
@@ -204,6 +225,9 @@ class PackedIntLinearMethod(LinearMethodBase):
                 f"asymmetric zero points are packed {self.per_word} per int32 along the output dim, "
                 f"shape (ceil(N / {self.per_word}), groups); {scale_hint}",
             )
+        if self.actorder:  # -1: not loaded yet; merged shards share one input, so one g_idx
+            register_param(layer, "weight_g_idx", torch.full((k,), -1, dtype=torch.int32),
+                           {"input_dim": 0, "weight_loader": _g_idx_loader(where, loader)}, extra_weight_attrs)
         shape = torch.nn.Parameter(torch.empty(2, dtype=torch.int64), requires_grad=False)
         set_weight_attrs(shape, {"weight_loader": _weight_shape_loader(output_size, input_size)})
         layer.register_parameter("weight_shape", shape)
@@ -222,6 +246,12 @@ class PackedIntLinearMethod(LinearMethodBase):
                 layer, remove, {"qweight": codes.contiguous(), "scales": scales.reshape(n).contiguous()}
             )
             return
+        codes = unpack_words(layer.weight_packed.data, 4, k)
+        perm = None
+        if self.actorder:  # the runtime layout holds each group's inputs side by side, x is permuted to match
+            perm = _act_order(where, layer.weight_g_idx.data, k, self.group_size, scales.shape[1])
+            codes = codes.index_select(1, perm)
+            remove += ("weight_g_idx",)
         zeros = None
         if not self.symmetric:
             zero_points = unpack_from_int32(layer.weight_zero_point.data, 4, n, dim=0)
@@ -236,11 +266,13 @@ class PackedIntLinearMethod(LinearMethodBase):
             layer, remove,
             {
                 # The stored q + 8 is the runtime code; the runtime layout orders it in 64-feature tiles.
-                "qweight": pack_int4(unpack_words(layer.weight_packed.data, 4, k)),
+                "qweight": pack_int4(codes),
                 "scales": scales.contiguous(),
                 "zeros": None if zeros is None else zeros.contiguous(),
             },
         )
+        if self.actorder:
+            layer.register_buffer("perm", perm)
 
     def _runtime_group(self) -> int:
         return self.group_size if self.strategy == "group" else CHANNEL_RUNTIME_GROUP
@@ -250,13 +282,34 @@ class PackedIntLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         if self.num_bits == 8:
             return torch.ops.pymllm_fx.w8a16_linear(x, layer.qweight, layer.scales, bias)
+        if self.actorder:
+            x = x.index_select(-1, layer.perm)
         return torch.ops.pymllm_fx.w4a16_linear(
             x, layer.qweight, layer.scales, layer.zeros, self._runtime_group(), bias
         )
 
     def describe(self, layer: torch.nn.Module) -> str:
         group = f"g{self.group_size}" if self.strategy == "group" else "per-channel"
-        return f"W{self.num_bits}A16 {group} {'sym' if self.symmetric else 'asym'}"
+        return f"W{self.num_bits}A16 {group} {'sym' if self.symmetric else 'asym'}" + (" act-order" if self.actorder else "")
+
+
+def _act_order(where: str, g_idx: torch.Tensor, k: int, group_size: int, groups: int) -> torch.Tensor:
+    """The input permutation that sorts ``weight_g_idx`` (stable), checked to give equal groups of
+    ``group_size`` in scale-column order (compressed-tensors quantizes group i of the sorted inputs
+    with scale column i)."""
+    g_idx = g_idx.long()
+    if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise ValueError(
+            f"{where}: tensor 'weight_g_idx' has group indices in [{int(g_idx.min())}, {int(g_idx.max())}] but the "
+            f"layer has {groups} groups; it was never loaded, or does not match weight_scale"
+        )
+    perm = torch.sort(g_idx, stable=True).indices
+    if not torch.equal(g_idx[perm], torch.arange(k, device=g_idx.device) // group_size):
+        raise ValueError(
+            f"{where}: tensor 'weight_g_idx' does not split the {k} inputs into groups of {group_size} (group sizes "
+            f"{torch.bincount(g_idx, minlength=groups).tolist()[:8]}...); check group_size against the checkpoint"
+        )
+    return perm.to(torch.int32)
 
 
 def _weight_shape_loader(output_size: int, input_size: int):
@@ -422,25 +475,19 @@ def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str
     acts = group.get("input_activations")
     acts = None if acts is None else _parse_args(f"{where}.input_activations", acts)
 
+    if weights["type"] == "int" and acts is not None:
+        return _w8a8_scheme(where, fmt, weights, acts)
     if weights["type"] == "int":
         if fmt != "pack-quantized":
             raise NotImplementedError(f"{where}: int weights load from format 'pack-quantized', not {fmt!r}")
-        if acts is not None:
-            raise NotImplementedError(
-                f"{where}: int weights with quantized input activations (W{weights['num_bits']}A{acts['num_bits']}) "
-                f"are not supported; only weight-only int schemes (W4A16, W8A16) run here"
-            )
-        if weights["actorder"] in ("group", "dynamic", True):
-            raise NotImplementedError(
-                f"{where}: actorder 'group' stores a column permutation (weight_g_idx) that the w4a16 layout "
-                f"cannot express; re-export without activation ordering or with actorder 'weight'"
-            )
+        # actorder "group" (alias "dynamic", or true) stores weight_g_idx for group strategies only.
+        actorder = weights["actorder"] in ("group", "dynamic", True) and weights["strategy"] == "group"
         if weights["dynamic"]:
             raise NotImplementedError(f"{where}: dynamic weight quantization is not supported")
         return PackedIntLinearMethod(
             num_bits=weights["num_bits"], strategy=weights["strategy"],
             group_size=int(weights["group_size"]) if weights["strategy"] == "group" else None,
-            symmetric=weights["symmetric"],
+            symmetric=weights["symmetric"], actorder=actorder,
         )
 
     if fmt not in ("float-quantized", "naive-quantized"):
@@ -452,10 +499,10 @@ def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str
             f"{where}: fp8 weight strategy {weights['strategy']!r} is not supported; use 'tensor', 'channel' or 'block'"
         )
     if acts is None:
-        raise NotImplementedError(
-            f"{where}: fp8 weight-only (W8A16 fp8) needs an op that keeps activations in float, which does "
-            f"not exist yet; only W8A8 fp8 (input_activations of type float) loads"
-        )
+        if weights["strategy"] not in ("tensor", "channel"):
+            raise NotImplementedError(f"{where}: fp8 weight-only weights load with strategy 'tensor' or 'channel', "
+                                      f"not {weights['strategy']!r}")
+        return Fp8WeightOnlyLinearMethod(weight_strategy=weights["strategy"])
     if acts["type"] != "float" or acts["num_bits"] != 8 or not acts["symmetric"]:
         raise NotImplementedError(f"{where}: fp8 weights need symmetric 8-bit float input_activations")
     if weights["strategy"] == "block":
@@ -479,6 +526,39 @@ def _scheme_from_group(group_name: str, group: Any, default_format: Optional[str
         )
     return Fp8CheckpointLinearMethod(
         activation_scheme=scheme, activation_strategy=strategy, weight_strategy=weights["strategy"]
+    )
+
+
+def _w8a8_scheme(where: str, fmt: str, weights: Dict[str, Any], acts: Dict[str, Any]) -> W8A8CheckpointLinearMethod:
+    """int8 weights with int8 input activations (the W8A8 preset, ``int-quantized``)."""
+    scheme = f"W{weights['num_bits']}A{acts['num_bits']} ({weights['type']} weights, {acts['type']} activations)"
+    if fmt not in ("int-quantized", "naive-quantized"):
+        raise NotImplementedError(f"{where}: {scheme} loads from format 'int-quantized', not {fmt!r}")
+    if weights["num_bits"] != 8 or acts["num_bits"] != 8 or acts["type"] != "int":
+        raise NotImplementedError(f"{where}: {scheme} is not supported; int weights with quantized activations "
+                                  f"load as W8A8 int8 (8-bit int weights and 8-bit int input_activations)")
+    if not weights["symmetric"] or weights["dynamic"] or weights["actorder"] not in (None, False, "weight", "static"):
+        raise NotImplementedError(f"{where}: W8A8 int8 weights load only as static symmetric weights without "
+                                  f"activation ordering (the W8A8 preset)")
+    if weights["strategy"] not in ("channel", "tensor"):
+        raise NotImplementedError(f"{where}: W8A8 int8 weight strategy {weights['strategy']!r} is not supported; "
+                                  f"use 'channel' (the W8A8 preset) or 'tensor'")
+    if acts["dynamic"] is True and acts["strategy"] == "token":
+        if not acts["symmetric"]:
+            raise NotImplementedError(
+                f"{where}: asymmetric dynamic int8 input_activations (a scale and zero point per token from its "
+                f"min and max) are not supported; use symmetric dynamic (the W8A8 preset) or static activations"
+            )
+        scheme_name = "dynamic"
+    elif acts["dynamic"] is False and acts["strategy"] == "tensor":
+        scheme_name = "static"
+    else:
+        raise NotImplementedError(
+            f"{where}: W8A8 int8 input_activations strategy {acts['strategy']!r} (dynamic={acts['dynamic']}) is not "
+            f"supported; use dynamic 'token' (the W8A8 preset) or static 'tensor'"
+        )
+    return W8A8CheckpointLinearMethod(
+        activation_scheme=scheme_name, input_symmetric=acts["symmetric"], weight_strategy=weights["strategy"]
     )
 
 

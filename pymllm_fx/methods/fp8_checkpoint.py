@@ -359,3 +359,58 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             weight_block_size=config.get("weight_block_size"),
             ignored_layers=ignored,
         )
+
+
+@dataclass
+class Fp8WeightOnlyLinearMethod(LinearMethodBase):
+    """compressed-tensors ``float-quantized`` e4m3 weights with no ``input_activations`` (fp8
+    weight-only): ``weight`` e4m3 ``(N, K)``, ``weight_scale`` one per logical weight ("tensor") or
+    ``(N, 1)`` ("channel"). The activations stay in float: ``w8a16_linear`` decodes the e4m3 codes
+    in its kernels and applies one float32 scale per output row."""
+
+    weight_strategy: str = "channel"
+
+    name = "fp8-weight-only"
+
+    def __post_init__(self) -> None:
+        if self.weight_strategy not in ("tensor", "channel"):
+            raise ValueError(f"fp8 weight-only: weight_strategy {self.weight_strategy!r} is not 'tensor' or 'channel'")
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: List[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        register_param(layer, "weight", torch.empty(n, k, dtype=FP8_DTYPE), {"input_dim": 1, "output_dim": 0},
+                       extra_weight_attrs)
+        # NaN until loaded, so an entry no checkpoint tensor filled is caught after loading.
+        if self.weight_strategy == "tensor":
+            register_param(layer, "weight_scale", torch.full((len(output_partition_sizes),), float("nan")),
+                           {"weight_loader": per_tensor_scale_loader}, extra_weight_attrs)
+        else:
+            register_param(layer, "weight_scale", torch.full((n, 1), float("nan")), {"output_dim": 0}, extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        where = getattr(layer, "prefix", "") or "layer"
+        check_fp8_codes(where, "weight", layer.weight.data)
+        scale = layer.weight_scale.data.float()
+        check_finite(where, "weight_scale", scale)
+        if self.weight_strategy == "tensor":
+            sizes = torch.tensor(layer.output_partition_sizes, device=scale.device)
+            scale = torch.repeat_interleave(scale, sizes)
+        replace_parameters(layer, ("weight", "weight_scale"),
+                           {"qweight": layer.weight.data, "scales": scale.reshape(-1).contiguous()})
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return torch.ops.pymllm_fx.w8a16_linear(x, layer.qweight, layer.scales, bias)
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        return f"W8A16 e4m3 checkpoint, per-{self.weight_strategy} weight scale"

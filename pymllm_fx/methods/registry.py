@@ -13,6 +13,7 @@ from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
 from pymllm_fx.methods.gptq import GPTQLinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
+from pymllm_fx.methods.w8a8 import W8A8LinearMethod
 
 
 class _NoneMethod(UnquantizedLinearMethod):
@@ -32,6 +33,7 @@ METHODS: Dict[str, Type[LinearMethodBase]] = {
     "int8": Int8LinearMethod,
     "int4": Int4LinearMethod,
     "fp8": Fp8LinearMethod,
+    "w8a8": W8A8LinearMethod,
     "awq": AWQLinearMethod,
     "gptq": GPTQLinearMethod,
     "compressed-tensors": CompressedTensorsLinearMethod,

@@ -14,6 +14,7 @@ from pymllm_fx.layers.linear import ReplicatedLinear
 from pymllm_fx.methods.fp8 import Fp8LinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
+from pymllm_fx.methods.w8a8 import W8A8LinearMethod
 from pymllm_fx.passes import is_linear_module
 
 transformers = pytest.importorskip("transformers")
@@ -21,11 +22,11 @@ transformers = pytest.importorskip("transformers")
 from hf_models import ARCHS, build_model, model_and_sites  # noqa: E402
 
 # hidden is 64, so int4 takes groups of 32 (two groups per row) instead of its default 128.
-METHODS = {"int8": "int8", "int4": {"quant_method": "int4", "group_size": 32}, "fp8": "fp8"}
-METHOD_CLASS = {"int8": Int8LinearMethod, "int4": Int4LinearMethod, "fp8": Fp8LinearMethod}
+METHODS = {"int8": "int8", "int4": {"quant_method": "int4", "group_size": 32}, "fp8": "fp8", "w8a8": "w8a8"}
+METHOD_CLASS = {"int8": Int8LinearMethod, "int4": Int4LinearMethod, "fp8": Fp8LinearMethod, "w8a8": W8A8LinearMethod}
 # Relative error ||q - fp|| / ||fp|| of the model output. Measured worst case over the 8 archs
-# (seed 0): int8 0.008, fp8 0.048, int4 0.111; bounds leave about 2x margin.
-REL_ERR = {"int8": 0.02, "fp8": 0.1, "int4": 0.25}
+# (seed 0): int8 0.008, fp8 0.048, int4 0.111, w8a8 0.011; bounds leave about 2x margin.
+REL_ERR = {"int8": 0.02, "fp8": 0.1, "int4": 0.25, "w8a8": 0.025}
 
 
 def token_ids(seed: int, batch: int = 2, seq: int = 16) -> torch.Tensor:
@@ -154,7 +155,7 @@ def test_int4_model_has_no_graph_breaks(arch):
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("method", ["int8", "fp8"])
+@pytest.mark.parametrize("method", ["int8", "fp8", "w8a8"])
 def test_llama_has_no_graph_breaks_with_every_method(method):
     _, _, q = quantized("llama", method)
     torch._dynamo.reset()

@@ -102,11 +102,19 @@ def test_w4a16_inline_ptx_is_bit_exact_with_the_portable_path(m, n, k, group_siz
             assert torch.equal(fast, portable), cfg
 
 
+def w8_codes(n, k, codes):
+    """int8 codes, or e4m3 codes (fp8 weight-only checkpoints) over their whole range."""
+    if codes == "int8":
+        return torch.randint(-128, 128, (n, k), dtype=torch.int8).to(DEVICE)
+    return (torch.randn(n, k) * 64).clamp(-448, 448).to(fp8_w8a8.FP8_DTYPE).to(DEVICE)
+
+
+@pytest.mark.parametrize("codes", ["int8", "e4m3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m, n, k", [(1, 40, 200), (3, 24, 256), (17, 70, 136)])
-def test_w8a16_kernels_match_reference(m, n, k, dtype):
-    seed("w8", m, n, k, dtype)
-    qweight = torch.randint(-128, 128, (n, k), dtype=torch.int8).to(DEVICE)
+def test_w8a16_kernels_match_reference(m, n, k, dtype, codes):
+    seed("w8", m, n, k, dtype, codes)
+    qweight = w8_codes(n, k, codes)
     scales = (torch.rand(n) * 0.02 + 0.001).to(DEVICE, dtype)
     x = torch.randn(m, k).to(DEVICE, dtype)
     bias = torch.randn(n).to(DEVICE, dtype)
@@ -228,6 +236,9 @@ def test_ops_on_cuda_at_llama_shapes(k, n, m):
     s8 = (torch.rand(n, device="cuda") * 0.01).to(torch.bfloat16)
     out = torch.ops.pymllm_fx.w8a16_linear(x, q8, s8, bias)
     assert rel_err(out, w8a16.w8a16_reference(x, q8, s8, bias)) <= 1e-2
+    e4m3 = (torch.randn(n, k, device="cuda") * 64).clamp(-448, 448).to(fp8_w8a8.FP8_DTYPE)  # fp8 weight-only
+    out = torch.ops.pymllm_fx.w8a16_linear(x, e4m3, s8, bias)
+    assert rel_err(out, w8a16.w8a16_reference(x, e4m3, s8, bias)) <= 1e-2
     weight, weight_scale = fp8_w8a8.quantize_fp8_per_channel(torch.randn(n, k, device="cuda"))
     out = torch.ops.pymllm_fx.fp8_linear(x, weight, weight_scale, bias)
     assert rel_err(out, fp8_w8a8.fp8_linear_reference(x, weight, weight_scale, bias)) <= 1e-2

@@ -124,3 +124,15 @@ def test_w8a16_device_mismatch():
     x = torch.randn(3, 64, dtype=torch.float16, device="cuda")
     with pytest.raises(ValueError, match=OP + ".*qweight is on cpu"):
         torch.ops.pymllm_fx.w8a16_linear(x, qweight, scales.cuda(), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_w8a16_takes_e4m3_codes(dtype):
+    """fp8 weight-only checkpoints: e4m3 codes times a per-row scale, activations left in float."""
+    torch.manual_seed(7)
+    qweight = (torch.randn(24, 96) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scales = (torch.rand(24) * 0.01 + 1e-3).to(dtype)
+    x, b = torch.randn(5, 96).to(dtype), torch.randn(24).to(dtype)
+    out = torch.ops.pymllm_fx.w8a16_linear(x, qweight, scales, b)
+    ref = x.double() @ (qweight.double() * scales.double()[:, None]).t() + b.double()
+    assert out.dtype == dtype and rel_err(out, ref) <= REL_TOL[dtype]

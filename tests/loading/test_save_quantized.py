@@ -485,7 +485,7 @@ def test_format_wide_settings_that_differ_between_layers(tmp_path):
         save_quantized(mixed_model([INT4_ASYM, {"quant_method": "int4", "group_size": 64}]), tmp_path, "awq", progress=False)
 
 
-def test_act_order_gptq_only_writes_gptq():
+def test_act_order_writes_gptq_and_compressed_tensors():
     method = GPTQLinearMethod(4, 32, False, True, "gptq_v2")
     layer = ReplicatedLinear(128, 32, bias=False, params_dtype=torch.float16, quant_method=method, prefix="blk.proj")
     for key, tensor in gptq_shard(32, 128, 4, 32, False, G_IDX_ACT).items():
@@ -495,8 +495,8 @@ def test_act_order_gptq_only_writes_gptq():
     with pytest.raises(ValueError, match=r"blk\.proj: cannot write an int4 layer \(group_size 32, asymmetric, act-order\) "
                                          r"as 'awq': AWQ has no g_idx.*use format='gptq'"):
         export_layer(layer, "awq")
-    with pytest.raises(ValueError, match=r"blk\.proj: .*as 'compressed-tensors': its act-order permutation.*use format='gptq'"):
-        export_layer(layer, "compressed-tensors")
+    ct = export_layer(layer, "compressed-tensors")  # actorder "group": the same permutation as weight_g_idx
+    assert torch.equal(ct["blk.proj.weight_g_idx"], G_IDX_ACT)
 
 
 def test_fp8_dynamic_per_tensor_activations_refused_by_fp8_format():

@@ -192,7 +192,7 @@ def test_quantize_int8_codes():
 
 
 def test_method_names():
-    assert method_names() == ["awq", "compressed-tensors", "fp8", "gptq", "int4", "int8", "none"]
+    assert method_names() == ["awq", "compressed-tensors", "fp8", "gptq", "int4", "int8", "none", "w8a8"]
     assert pymllm_fx.method_names() == method_names()
 
 

@@ -151,3 +151,45 @@ def test_tensor_parallel_logits_match_one_rank(backend, world, tmp_path):
             expected[name] = pymllm_fx.from_pretrained(checkpoints[name], device=device, progress=False)(x).logits.cpu()
     del float_model, model
     spawn_ranks(_body, world, backend, expected, checkpoints)
+
+
+# --- W8A8 int8 ------------------------------------------------------------------------------------
+
+
+def _w8a8_body(rank: int, world: int, device: torch.device, expected: dict, checkpoints: dict) -> None:
+    # Calibrated, and a dynamic checkpoint: each rank quantizes its slice of a row-parallel
+    # layer's input per token with its own scale (as TP engines do), so the noise is a new draw
+    # of the same size: as close to the float model as tp=1 is (fp8's rule above).
+    model = pymllm_fx.quantize(build(), "w8a8", progress=False)
+    assert tuple(model.model.layers[0].mlp.down_proj.qweight.shape) == (128, 256 // world)
+    runs = {"w8a8": model, "ct-w8a8-dynamic": pymllm_fx.from_pretrained(checkpoints["ct-w8a8-dynamic"], progress=False)}
+    for name, run in runs.items():
+        with torch.no_grad():
+            err = rel_err(run(ids()).logits, expected["float"])
+        bound = FP8_NOISE_RATIO * rel_err(expected[name], expected["float"])
+        assert err <= bound, f"{name}: tp={world} is {err:.2e} from the float model, tp=1 is {bound / FP8_NOISE_RATIO:.2e}"
+    explained = torch._dynamo.explain(model)(ids())
+    assert explained.graph_break_count == 0, explained.break_reasons
+    # Static scales (and zero points) are the same on every rank: the int8 values are those of
+    # tp=1, and the zero-point correction of each rank's slice adds up to the whole.
+    static = pymllm_fx.from_pretrained(checkpoints["ct-w8a8-static-asym"], progress=False)
+    with torch.no_grad():
+        err = rel_err(static(ids()).logits, expected["ct-w8a8-static-asym"])
+    assert err <= 1e-5, f"static W8A8 checkpoint: tp={world} logits differ from tp=1 by {err:.2e}"
+
+
+def test_w8a8_tensor_parallel_matches_one_rank(tmp_path):
+    from methods.test_compressed_tensors import w8a8_checkpoint
+
+    float_model = build()
+    with torch.no_grad():
+        expected = {"float": float_model(ids()).logits}
+        expected["w8a8"] = pymllm_fx.quantize(copy.deepcopy(float_model), "w8a8", progress=False)(ids()).logits
+    quantized = pymllm_fx.quantize(copy.deepcopy(float_model), "w8a8", progress=False)
+    checkpoints = {"ct-w8a8-dynamic": tmp_path / "dynamic", "ct-w8a8-static-asym": tmp_path / "static"}
+    pymllm_fx.save_quantized(quantized, checkpoints["ct-w8a8-dynamic"], format="compressed-tensors", progress=False)
+    w8a8_checkpoint(float_model, checkpoints["ct-w8a8-static-asym"], "static-asym", torch.float32)
+    for name, path in checkpoints.items():
+        with torch.no_grad():
+            expected[name] = pymllm_fx.from_pretrained(path, progress=False)(ids()).logits
+    spawn_ranks(_w8a8_body, 2, "gloo", expected, checkpoints)

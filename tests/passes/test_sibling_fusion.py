@@ -48,7 +48,7 @@ def shares_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
 def test_compiled_llama_runs_q_k_v_and_gate_up_as_one_call_each(method):
     fused = pymllm_fx.quantize(build("llama"), method, progress=False)
     plain = pymllm_fx.quantize(build("llama"), method, progress=False, fuse_siblings=False)
