@@ -108,8 +108,8 @@ def w8a8_reference(
 
 
 # --- Triton kernels ----------------------------------------------------------------------------
-# Every kernel quantizes activations exactly as the reference does: amax / 127 and x / s as
-# float32 divisions, round half to even, clamp, so Triton and the reference agree on the int8
+# Every kernel quantizes activations exactly as the reference does: amax / 127 and x / s as IEEE
+# float32 divisions (tl.math.div_rn), round half to even, clamp, so Triton and the reference agree on the int8
 # values; the dots sum exact integers.
 
 # Round half to even on the GPU: one cvt.rni (what libdevice's rint is). The interpreter has no
@@ -125,13 +125,13 @@ def _row_scale(x_row_ptr, K, BLOCK_K: tl.constexpr):
     for start in range(0, K, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
         amax = tl.maximum(amax, tl.abs(tl.load(x_row_ptr + k, mask=k < K, other=0.0).to(tl.float32)))
-    return tl.maximum(tl.max(amax, axis=0) / 127.0, 1e-12)
+    return tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-12)
 
 
 @triton.jit
 def _quantize(x, scale, zero, ASM: tl.constexpr):
     """The int8 value of ``x`` as an integral float32 (exact, ready for a float product or a cast)."""
-    v = tl.clamp(x / scale, -256.0, 256.0)
+    v = tl.clamp(tl.math.div_rn(x, scale), -256.0, 256.0)  # IEEE division as torch's (Triton's `/` is div.full, 2 ulp)
     if ASM:
         v = tl.inline_asm_elementwise(_RINT, "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
     else:
