@@ -31,8 +31,9 @@ from timing import copy_bandwidth_gbs, graph_time_us  # noqa: E402
 METHODS = ("bf16", "bf16-batched", "int4", "int8", "fp8")
 # A/B variants of pymllm_fx's grouped GEMM (kernels/moe.py's switches), measured in the same run:
 # "-reshape" spreads int4 codes into feature order instead of eight nibble dots; "-sorted" runs
-# moe_align's sort at decode instead of one block per (token, expert) pair.
-VARIANTS = {"reshape": ("NIBBLE_DOTS", False), "sorted": ("DIRECT_MAX_ASSIGNMENTS", 0)}
+# moe_align's sort at decode instead of one block per (token, expert) pair; "-gemv" runs int4 decode
+# on the CUDA-core GEMV instead of 16-row tensor-core tiles.
+VARIANTS = {"reshape": ("NIBBLE_DOTS", False), "sorted": ("DIRECT_MAX_ASSIGNMENTS", 0), "gemv": ("DECODE_GEMV", True)}
 SHAPE = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8)
 
 
@@ -88,7 +89,7 @@ def routing(tokens: int, config, seed: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="from " + ", ".join(METHODS) + "; int4-reshape, int4-sorted, int8-sorted: A/B variants")
+                   help="from " + ", ".join(METHODS) + "; int4-reshape, int4-sorted, int4-gemv, int8-sorted: A/B variants")
     p.add_argument("--tokens", default="1,8,2048")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="run each call eagerly")
     p.add_argument("--layers", type=int, default=8, help="experts copies cycled in one graph")

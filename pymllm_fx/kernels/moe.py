@@ -80,6 +80,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 # more than the GEMMs); two tokens sharing an expert then read it twice.
 NIBBLE_DOTS = True
 DIRECT_MAX_ASSIGNMENTS = 16
+# DECODE_GEMV: int4 at decode (up to DIRECT_MAX_ASSIGNMENTS pairs, 16-bit activations) on the
+# CUDA-core GEMV below instead of 16-row tensor-core tiles. Off until benchmarks/moe.py's
+# "int4-gemv" variant has been timed against it on the H200.
+DECODE_GEMV = False
 
 
 def one_block_each(topk_ids: torch.Tensor, block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +325,113 @@ def _moe_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & row_ok[None, :])
 
 
+# --- Triton: int4 decode GEMV ---------------------------------------------------------------------
+# At decode most experts get one row, and the tensor-core kernel above multiplies 15 padding rows
+# per tile. This kernel is the dense decode GEMV's design (kernels/w4a16.py) on the experts' GPTQ
+# word order: one program per (BLOCK_N output features, assignment), threads along K holding
+# several rows, the activations loaded in the codes' layout, one FFMA a weight, and the next step's
+# words and group parameters loaded before this step's arithmetic. Nibble j of a word (feature
+# 8w + j) is moved to bits 16..19 under the exponent of 128.0: the float 128 + code in one shift
+# and one LOP3; the offsets come off per group through the activations' sums,
+# sum((128 + c) x) - (128 + z) sum(x) = sum((c - z) x).
+
+
+@triton.jit
+def _nibble_floats(q, J: tl.constexpr):
+    """Nibble J of every int32 in ``q`` as the float32 ``128 + code``."""
+    if J < 4:
+        bits = (q << (16 - 4 * J)) & 0xF0000
+    elif J == 4:
+        bits = q & 0xF0000
+    else:
+        bits = (q >> (4 * J - 16)) & 0xF0000
+    return (bits | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _moe_int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, ids_ptr, N, K, X_DIV, stride_xm, stride_we, stride_wn,
+    stride_se, stride_sn, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[a, n] = x[a // X_DIV] @ W[ids[a], n].T`` (times the routing weight), for K a multiple of
+    BLOCK_K and groups that a step never straddles (GROUP a multiple of BLOCK_K, or dividing it)."""
+    a = tl.program_id(1)
+    expert = tl.load(ids_ptr + a).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    SPAN: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # features of one group within a step
+    GROUPS: tl.constexpr = BLOCK_K // SPAN
+    offs_w = tl.arange(0, WORDS)
+    w_ptrs = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn + offs_w[None, :]
+    x_row = x_ptr + (a // X_DIV).to(tl.int64) * stride_xm
+    x_ptrs = x_row + rows[:, None] * 0 + offs_w[None, :] * 8  # feature 8w of each word, in the codes' layout
+    s_rows = s_ptr + expert * stride_se + rows[:, None] * stride_sn
+    z_rows = z_ptr + expert * stride_se + rows[:, None] * stride_sn
+    offs_g = tl.arange(0, GROUPS)
+    offs_f = tl.arange(0, SPAN)
+    steps = K // BLOCK_K
+    q = tl.load(w_ptrs)
+    s = tl.load(s_rows + (offs_g * SPAN // GROUP)[None, :]).to(tl.float32)
+    z = tl.load(z_rows + (offs_g * SPAN // GROUP)[None, :]).to(tl.float32) if HAS_ZEROS else 8.0
+    acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
+    for b in range(0, steps):
+        k0 = b * BLOCK_K
+        k_next = tl.minimum(b + 1, steps - 1) * BLOCK_K  # the last step reloads itself (an L2 hit)
+        q_next = tl.load(w_ptrs + k_next // 8)
+        g_next = ((k_next + offs_g * SPAN) // GROUP)[None, :]
+        s_next = tl.load(s_rows + g_next).to(tl.float32)
+        z_next = tl.load(z_rows + g_next).to(tl.float32) if HAS_ZEROS else 8.0
+        part = _nibble_floats(q, 0) * tl.load(x_ptrs + k0).to(tl.float32)
+        for j in tl.static_range(1, 8):
+            part += _nibble_floats(q, j) * tl.load(x_ptrs + k0 + j).to(tl.float32)
+        part = tl.sum(tl.reshape(part, (BLOCK_N, GROUPS, WORDS // GROUPS)), axis=2)  # per row and group
+        xs = tl.sum(tl.load(x_row + k0 + offs_g[:, None] * SPAN + offs_f[None, :]).to(tl.float32), axis=1)
+        acc += s * (part - (z + 128.0) * xs[None, :])
+        q, s, z = q_next, s_next, z_next
+    out = tl.sum(acc, axis=1)
+    if HAS_WEIGHTS:
+        out *= tl.load(tw_ptr + a).to(tl.float32)
+    tl.store(out_ptr + a.to(tl.int64) * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def int4_gemv_block_k(k: int, group_size: int) -> int:
+    """The GEMV's K step for these shapes (0: it does not take them): the largest of 512, 256, 128
+    that divides K and that a group never straddles."""
+    for block_k in (512, 256, 128):
+        if k % block_k == 0 and (group_size % block_k == 0 or block_k % group_size == 0) and group_size % 8 == 0:
+            return block_k
+    return 0
+
+
+def moe_int4_gemv(x, qweight, scales, zeros, group_size, topk_ids, topk_weights, block_n: int = 16,
+                  block_k: int = 0, num_warps: int = 4) -> torch.Tensor:
+    """The decode GEMV path of ``moe_w4a16`` (16-bit activations; ``int4_gemv_block_k`` must accept
+    the shapes): ``(T * k, N)``."""
+    from torch.library import wrap_triton
+
+    t, top = topk_ids.shape
+    a = t * top
+    e, n, words = qweight.shape
+    k = words * PACK_FACTOR
+    block_k = block_k or int4_gemv_block_k(k, group_size)
+    out = torch.empty((a, n), device=x.device, dtype=x.dtype)
+    if a == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    ids = topk_ids.reshape(-1)
+    wrap_triton(_moe_int4_gemv_kernel)[(triton.cdiv(n, block_n), a)](
+        x, qweight, scales, zeros if zeros is not None else scales,
+        topk_weights.reshape(-1) if topk_weights is not None else scales, out, ids,
+        n, k, 1 if x.shape[0] == a else top, x.stride(0), qweight.stride(0), qweight.stride(1),
+        scales.stride(0), scales.stride(1),
+        GROUP=min(group_size, k), HAS_ZEROS=zeros is not None, HAS_WEIGHTS=topk_weights is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return out
+
+
 def moe_config(num_rows: int, num_experts: int, int4: bool) -> dict:
     """Tiles by the average rows per expert (``T * k / E``), from timings on the H200 at
     Qwen3-30B-A3B's shapes. Decode (most experts get one row) streams weights: BLOCK_M at the
@@ -372,6 +483,10 @@ def _launch(x, w, scales, zeros, topk_ids, topk_weights, n, k, sn, sk, int4, con
 def moe_w4a16_triton(x, qweight, scales, zeros, group_size, topk_ids, topk_weights=None, config: dict = None):
     """The Triton path of ``moe_w4a16`` (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     _, n, words = qweight.shape
+    if (DECODE_GEMV and config is None and topk_ids.numel() <= DIRECT_MAX_ASSIGNMENTS
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and int4_gemv_block_k(words * PACK_FACTOR, min(group_size, words * PACK_FACTOR))):
+        return moe_int4_gemv(x, qweight, scales, zeros, group_size, topk_ids, topk_weights)
     return _launch(x, qweight, scales, zeros, topk_ids, topk_weights, n, words * PACK_FACTOR, 1, group_size,
                    True, config)
 

@@ -258,6 +258,41 @@ def test_moe_w4a16_triton_matches_reference(t, k, e, n, kdim, group, rows, asym,
             assert rel_err(out, ref) <= REL_TOL[dtype], (cfg, nibble_dots)
 
 
+GEMV_CASES = [  # (T, k, E, N, K, group, rows, asym, weighted, BLOCK_K): a tail of N, groups under,
+    # equal to and over a K step, per-channel (group = K), activation rows per token or per pair
+    (1, 2, 4, 40, 256, 128, "T", True, True, 0),
+    (2, 2, 4, 33, 512, 64, "Tk", False, False, 0),
+    (1, 3, 3, 20, 384, 384, "T", True, False, 0),
+    (2, 2, 5, 24, 1024, 256, "T", True, True, 128),
+    (1, 2, 4, 24, 256, 32, "Tk", True, True, 128),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("t, k, e, n, kdim, group, rows, asym, weighted, block_k", GEMV_CASES)
+def test_moe_int4_decode_gemv_matches_reference(t, k, e, n, kdim, group, rows, asym, weighted, block_k, dtype,
+                                                monkeypatch):
+    seed("w4-gemv", t, k, e, n, kdim, group, rows, asym, weighted, dtype)
+    _, qweight, scales, zeros = int4_experts(e, n, kdim, group, dtype, asym, DEVICE)
+    ids, tw = routing(t, k, e, device=DEVICE)
+    tw = tw.to(dtype) if weighted else None
+    x = activations(t, k, kdim, rows, dtype, DEVICE)
+    ref = moe.moe_w4a16_reference(x, qweight, scales, zeros, group, ids, tw)
+    out = moe.moe_int4_gemv(x, qweight, scales, zeros, group, ids, tw, block_k=block_k)
+    assert rel_err(out, ref) <= REL_TOL[dtype]
+    if block_k == 0:  # the launcher's switch routes decode there
+        monkeypatch.setattr(moe, "DECODE_GEMV", True)
+        assert torch.equal(moe.moe_w4a16_triton(x, qweight, scales, zeros, group, ids, tw), out)
+
+
+def test_moe_int4_decode_gemv_takes_only_whole_groups_per_step():
+    assert moe.int4_gemv_block_k(2048, 128) == 512 and moe.int4_gemv_block_k(768, 128) == 256
+    assert moe.int4_gemv_block_k(768, 768) == 256  # per-channel: one group spans every step
+    assert moe.int4_gemv_block_k(200, 8) == 0  # no K step divides K
+    assert moe.int4_gemv_block_k(1536, 192) == 0  # 192 neither divides nor is a multiple of a step
+
+
 @needs_triton
 @pytest.mark.parametrize("blocks", ["sorted", "one-per-assignment"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -454,7 +489,7 @@ def chunked_reference(reference, x, ids, tw, *weights, tokens=16):
 @pytest.mark.skipif(not CUDA, reason="real shapes need a CUDA device")
 @pytest.mark.parametrize("family", ["int4", "int8", "fp8"])
 @pytest.mark.parametrize("proj", ["gate_up", "down"])
-@pytest.mark.parametrize("t", [1, 8, 256])
+@pytest.mark.parametrize("t", [1, 2, 8, 256])
 def test_ops_on_cuda_at_qwen3_moe_shapes(t, proj, family):
     seed("qwen", t, proj, family)
     e, k, (kdim, n) = 128, 8, QWEN[proj]
@@ -468,6 +503,9 @@ def test_ops_on_cuda_at_qwen3_moe_shapes(t, proj, family):
         out = torch.ops.pymllm_fx.moe_w4a16(x, qweight, scales, zeros, 128, ids, tw)
         ref = chunked_reference(moe.moe_w4a16_reference, x, ids, tw, qweight, scales, zeros, 128)
         assert rel_err(out, ref) <= 1e-2
+        if t <= 2:  # the decode GEMV (kernels/moe.py's DECODE_GEMV) at the real shapes
+            gemv = moe.moe_int4_gemv(x, qweight, scales, zeros, 128, ids, tw)
+            assert rel_err(gemv, ref) <= 1e-2
         out = torch.ops.pymllm_fx.moe_w4a16(x, qweight, scales, None, 128, ids, None)
         ref = chunked_reference(moe.moe_w4a16_reference, x, ids, None, qweight, scales, None, 128)
     elif family == "int8":
