@@ -19,6 +19,7 @@ added on rank 0 only.
 
 from __future__ import annotations
 
+import re
 from abc import abstractmethod
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -381,6 +382,14 @@ class CheckpointMoEMethod(FusedMoEMethodBase):
 
     group_size: int = -1  # int4 runtimes: inputs per group, -1 for one group per row
     block: Tuple[int, int] = (0, 0)  # 8-bit runtimes: (rows, columns) per scale, (0, 0) per row
+    ignore: Tuple[str, ...] = ()  # compressed-tensors ``ignore`` entries (names, ``re:`` patterns), set by it
+
+    def left_float(self, where: str) -> Optional[str]:
+        """The checkpoint's rule that stores the experts at ``where`` in float, or None."""
+        for entry in self.ignore:
+            if where == entry or (entry.startswith("re:") and re.match(entry[3:], where)):
+                return f"compressed-tensors ignore {entry!r}"
+        return None
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs: Any) -> None:
@@ -389,6 +398,11 @@ class CheckpointMoEMethod(FusedMoEMethodBase):
             raise NotImplementedError(
                 f"{where}: experts stored quantized ({self.name}) load unsplit only, not over tensor-parallel size "
                 f"{layer.tp_size}; load this checkpoint without tensor parallelism")
+        rule = self.left_float(where)
+        if rule is not None:
+            raise NotImplementedError(
+                f"{where}: the checkpoint stores these experts in float ({rule}), which pymllm_fx does not load beside "
+                f"quantized layers yet; load the float model and call quantize(model, method)")
         inter = intermediate_size_per_partition
         rows = (2 if getattr(layer, "has_gate", True) else 1) * inter
         for which, k, n, part in (("w13", hidden_size, rows, inter), ("w2", inter, hidden_size, hidden_size)):

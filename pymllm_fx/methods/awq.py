@@ -248,11 +248,11 @@ class AWQMoEMethod(CheckpointMoEMethod):
     def group_size(self) -> int:
         return self.linear.group_size
 
+    def left_float(self, where: str):
+        name = next((name for name in self.linear.modules_to_not_convert if name in where), None)
+        return None if name is None else f"modules_to_not_convert {name!r}"
+
     def projection(self, where, which, k, n, part, params_dtype):
-        if any(name in where for name in self.linear.modules_to_not_convert):
-            raise NotImplementedError(
-                f"{where}: the checkpoint's modules_to_not_convert leaves these experts in float, which pymllm_fx "
-                f"does not load beside AWQ layers yet; load the float model and call quantize(model, 'int4')")
         group = checkpoint_group(self.linear.group_size, k)
         if k % group or k % PACK_FACTOR or part % PACK_FACTOR:
             raise ValueError(
