@@ -108,7 +108,8 @@ def quantize(
             f"{type(model).__name__} has no linear layers (nn.Linear or transformers Conv1D) to quantize"
         )
     plan = [site for site in sites if skip_reason(site, skip) is None]
-    if not plan:
+    expert_plan, expert_reasons = _plan_experts(model, matmul_params, quant_method, skip, tp, weights, strict)
+    if not plan and not expert_plan:  # a checkpoint may quantize the experts alone
         reasons = "; ".join(f"{s.path}: {skip_reason(s, skip)}" for s in sites[:5])
         done = sum(hasattr(m, "quant_method") for m in model.modules())
         already = f"; {done} layers are already quantized by pymllm_fx (quantize the original model instead)" if done else ""
@@ -127,14 +128,13 @@ def quantize(
                 raise
             refused[site.path] = f"{_name(quant_method)} cannot take it ({err})"
     if refused:
-        if not dry:
+        if not dry and not expert_plan:
             raise ValueError(f"{_name(quant_method)} can take no linear layer of {type(model).__name__}: "
                              + "; ".join(f"{p}: {r}" for p, r in list(refused.items())[:3]))
         warnings.warn(f"pymllm_fx: {len(refused)} layer(s) stay float, {_name(quant_method)} cannot take them: "
                       + "; ".join(f"{path}" for path in list(refused)[:5]) + (" ..." if len(refused) > 5 else "")
                       + " (see explain(model); strict=True makes this an error)", stacklevel=2)
         plan = [site for site in plan if site.path in dry]
-    expert_plan, expert_reasons = _plan_experts(model, matmul_params, quant_method, skip, tp, weights, strict)
     if shard_init is not None:
         _check_shard_init(quant_method, weights, device, expert_plan)
     headers = None
@@ -199,7 +199,7 @@ def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_metho
             try:
                 plan[path] = (_build_experts(path, module, make_method(), "meta", tp), module)
             except ValueError as err:
-                if strict or tp.size > 1:
+                if strict or tp.size > 1 or getattr(quant_method, "prequantized", False):  # a checkpoint's own experts
                     raise
                 why = f"{_name(quant_method)} cannot take them ({err})"
         if why:

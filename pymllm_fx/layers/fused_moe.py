@@ -19,8 +19,9 @@ added on rank 0 only.
 
 from __future__ import annotations
 
+import re
 from abc import abstractmethod
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -326,8 +327,107 @@ class EightBitMoEMethod(FusedMoEMethodBase):
                                                              which + "_scales": torch.cat(scales)})
 
     def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
-        def gemm(inputs, which, ids, weights):
-            return torch.ops.pymllm_fx.moe_w8(inputs, getattr(layer, which + "_qweight"),
-                                              getattr(layer, which + "_scales"), 0, 0, ids, weights)
+        return run_8bit_experts(layer, x, topk_ids, topk_weights)
 
-        return run_experts(layer, x, topk_ids, topk_weights, gemm)
+
+def run_int4_experts(layer: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     group_size: int) -> torch.Tensor:
+    """Experts in the int4 layout (``{w13,w2}_qweight`` ``(E, N, K // 8)``, ``_scales``, ``_zeros`` or
+    None), through ``moe_w4a16``."""
+    def gemm(inputs, which, ids, weights):
+        return torch.ops.pymllm_fx.moe_w4a16(inputs, getattr(layer, which + "_qweight"), getattr(layer, which + "_scales"),
+                                             getattr(layer, which + "_zeros"), group_size, ids, weights)
+
+    return run_experts(layer, x, topk_ids, topk_weights, gemm)
+
+
+def run_8bit_experts(layer: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     block: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Experts in the 8-bit layout (int8 or e4m3 ``{w13,w2}_qweight`` ``(E, N, K)``, float32 ``_scales``
+    per row, or per ``block`` of weights), through ``moe_w8``."""
+    def gemm(inputs, which, ids, weights):
+        return torch.ops.pymllm_fx.moe_w8(inputs, getattr(layer, which + "_qweight"), getattr(layer, which + "_scales"),
+                                          block[0], block[1], ids, weights)
+
+    return run_experts(layer, x, topk_ids, topk_weights, gemm)
+
+
+# One expert projection's checkpoint tensors: name -> (shape, dtype, loading attributes of that
+# 2-D tensor: output_dim, packed_dim, packed_factor, or a weight_loader of its own).
+ProjectionTensors = Dict[str, Tuple[Tuple[int, ...], torch.dtype, Dict[str, Any]]]
+
+
+class CheckpointMoEMethod(FusedMoEMethodBase):
+    """Experts a quantized checkpoint stores as one linear per expert and projection
+    (``experts.3.w1.qweight``, ``mlp.experts.3.gate_proj.weight_packed``, ...). Each of that
+    linear's tensors is stacked as stored, ``(E, *shape)`` (the gate and up projections side by side
+    along the outputs, gate first), and :func:`load_expert` puts one expert's projection in its rows,
+    so the strict loader accounts for every expert tensor. After loading, :meth:`runtime` turns each
+    stack into the grouped kernels' layout: int32 codes run ``moe_w4a16``, int8 / e4m3 ``moe_w8``.
+    A format says what it stores (:meth:`projection`) and how that becomes the runtime layout."""
+
+    prequantized = True
+
+    @abstractmethod
+    def projection(self, where: str, which: str, k: int, n: int, part: int,
+                   params_dtype: torch.dtype) -> ProjectionTensors:
+        """The checkpoint tensors of ``which`` ("w13" or "w2"): ``k`` inputs, ``n`` outputs made of
+        projections of ``part`` outputs each (gate and up, or down). Refuses sizes it cannot hold."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def runtime(self, where: str, which: str, stacks: Dict[str, torch.Tensor],
+                params_dtype: torch.dtype) -> Dict[str, Optional[torch.Tensor]]:
+        """The loaded stacks of ``which`` (by checkpoint tensor name) -> its runtime tensors
+        ``{which}_qweight``, ``{which}_scales`` and, for int4, ``{which}_zeros`` (None: symmetric)."""
+        raise NotImplementedError
+
+    group_size: int = -1  # int4 runtimes: inputs per group, -1 for one group per row
+    block: Tuple[int, int] = (0, 0)  # 8-bit runtimes: (rows, columns) per scale, (0, 0) per row
+    ignore: Tuple[str, ...] = ()  # compressed-tensors ``ignore`` entries (names, ``re:`` patterns), set by it
+
+    def left_float(self, where: str) -> Optional[str]:
+        """The checkpoint's rule that stores the experts at ``where`` in float, or None."""
+        for entry in self.ignore:
+            if where == entry or (entry.startswith("re:") and re.match(entry[3:], where)):
+                return f"compressed-tensors ignore {entry!r}"
+        return None
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs: Any) -> None:
+        where = getattr(layer, "prefix", "") or "experts"
+        if getattr(layer, "tp_size", 1) > 1:
+            raise NotImplementedError(
+                f"{where}: experts stored quantized ({self.name}) load unsplit only, not over tensor-parallel size "
+                f"{layer.tp_size}; load this checkpoint without tensor parallelism")
+        rule = self.left_float(where)
+        if rule is not None:
+            raise NotImplementedError(
+                f"{where}: the checkpoint stores these experts in float ({rule}), which pymllm_fx does not load beside "
+                f"quantized layers yet; load the float model and call quantize(model, method)")
+        inter = intermediate_size_per_partition
+        rows = (2 if getattr(layer, "has_gate", True) else 1) * inter
+        for which, k, n, part in (("w13", hidden_size, rows, inter), ("w2", inter, hidden_size, hidden_size)):
+            for name, (shape, dtype, attrs) in self.projection(where, which, k, n, part, params_dtype).items():
+                attrs = {key: value + 1 if key.endswith("_dim") else value for key, value in attrs.items()}
+                register_param(layer, f"{which}_{name}", torch.empty((num_experts, *shape), dtype=dtype), attrs,
+                               {"weight_loader": load_expert})
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        where = getattr(layer, "prefix", "") or "experts"
+        stored, runtime = [], {}
+        for which in ("w13", "w2"):  # everything computed first; the layer changes at the end
+            names = [name for name, p in layer._parameters.items()
+                     if p is not None and name.startswith(which + "_") and name != which + "_bias"]
+            stacks = {name[len(which) + 1:]: layer._parameters[name].data for name in names}
+            runtime.update(self.runtime(where, which, stacks, layer.params_dtype))
+            stored += names
+        replace_parameters(layer, tuple(stored), runtime)
+
+    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
+        if layer.w13_qweight.dtype == torch.int32:
+            group = self.group_size
+            if group == -1:  # one group a row: a group as long as the longer of the two inputs
+                group = max(layer.hidden_size, layer.intermediate_size_per_partition)
+            return run_int4_experts(layer, x, topk_ids, topk_weights, group)
+        return run_8bit_experts(layer, x, topk_ids, topk_weights, self.block)

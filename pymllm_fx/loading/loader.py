@@ -91,7 +91,9 @@ def check_headers(targets: Dict[str, LoadTarget], headers: Dict[str, Any]) -> No
         fills = target.numel if target.numel is not None else target.param.numel()
         if info is not None and fills > math.prod(info.shape):
             where = f"{target.owner}: " if target.owner else ""
-            too_big.append(f"{where}tensor {name!r}: expected shape {tuple(target.param.shape)}, found {tuple(info.shape)} "
+            expected = f"shape {tuple(target.param.shape)}" if target.numel is None else \
+                f"{fills} elements (its share of the stacked {tuple(target.param.shape)})"
+            too_big.append(f"{where}tensor {name!r}: expected {expected}, found {tuple(info.shape)} "
                            f"(the model would allocate {fills} elements, the checkpoint holds {math.prod(info.shape)})")
         elif info is None and target.required and target.owner not in prefixes \
                 and not _alias_loaded(name, target, targets, present):

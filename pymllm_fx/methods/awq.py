@@ -28,7 +28,8 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4
+from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4, pack_words
+from pymllm_fx.layers.fused_moe import CheckpointMoEMethod
 from pymllm_fx.layers.parameter import rank_share, register_param, replace_parameters, unaligned_output
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import (
@@ -195,6 +196,9 @@ class AWQLinearMethod(LinearMethodBase):
             x, layer.qweight, layer.scales, layer.zeros, runtime_group(self.group_size), bias
         )
 
+    def experts_method(self) -> "AWQMoEMethod":
+        return AWQMoEMethod(self)
+
     def describe(self, layer: torch.nn.Module) -> str:
         if is_float_layer(layer):
             return "unquantized (AWQ modules_to_not_convert)"
@@ -227,6 +231,61 @@ class AWQLinearMethod(LinearMethodBase):
             version=config_str(cls.name, {"version": version}, "version", "gemm"),
             modules_to_not_convert=config_names(cls.name, config, "modules_to_not_convert"),
         )
+
+
+@dataclass
+class AWQMoEMethod(CheckpointMoEMethod):
+    """Experts of an AutoAWQ GEMM checkpoint (each expert's ``w1``/``w3``/``w2`` or
+    ``gate_proj``/``up_proj``/``down_proj`` a ``WQLinear_GEMM``: ``qweight`` (K, N/8) and
+    ``qzeros`` (K/g, N/8) in AWQ's nibble order, ``scales`` (K/g, N)), stacked as stored and
+    repacked into the int4 experts layout after loading."""
+
+    linear: AWQLinearMethod
+
+    name = "awq"
+
+    @property
+    def group_size(self) -> int:
+        return self.linear.group_size
+
+    def left_float(self, where: str):
+        name = next((name for name in self.linear.modules_to_not_convert if name in where), None)
+        return None if name is None else f"modules_to_not_convert {name!r}"
+
+    def projection(self, where, which, k, n, part, params_dtype):
+        group = checkpoint_group(self.linear.group_size, k)
+        if k % group or k % PACK_FACTOR or part % PACK_FACTOR:
+            raise ValueError(
+                f"{where}: awq packs {PACK_FACTOR} outputs per int32 and needs whole groups of {group} inputs, but "
+                f"{which} is [out={part} per projection, in={k}]; load the float model and call quantize(model, 'int8')")
+        packed = dict(output_dim=1, packed_dim=1, packed_factor=PACK_FACTOR)
+        return {
+            "qweight": ((k, n // PACK_FACTOR), torch.int32, packed),
+            "qzeros": ((k // group, n // PACK_FACTOR), torch.int32, packed),
+            "scales": ((k // group, n), params_dtype, dict(output_dim=1)),
+        }
+
+    def runtime(self, where, which, stacks, params_dtype):
+        qweight, qzeros, scales = stacks["qweight"], stacks["qzeros"], stacks["scales"]
+        experts, k, words = qweight.shape
+        n, groups = words * PACK_FACTOR, qzeros.shape[1]
+        if not torch.isfinite(scales).all():
+            raise ValueError(f"{where}: tensor '{which}_scales' holds NaN or Inf; the checkpoint is corrupt")
+        check_dequantized_range(where, scales, 15, params_dtype)
+        codes = unpack_awq(qweight.reshape(experts * k, words)).view(experts, k, n).transpose(1, 2)  # (E, N, K)
+        zeros = unpack_awq(qzeros.reshape(experts * groups, words)).view(experts, groups, n).transpose(1, 2)
+        if not self.linear.zero_point and not bool((zeros == SYMMETRIC_ZERO).all()):
+            raise ValueError(f"{where}: quantization_config has zero_point=false (symmetric), but {which} qzeros hold "
+                             f"zero points other than {SYMMETRIC_ZERO}; set zero_point=true for this checkpoint")
+        return {
+            which + "_qweight": pack_words(codes.reshape(experts * n, k), 4).view(experts, n, k // PACK_FACTOR),
+            which + "_scales": scales.transpose(1, 2).contiguous(),
+            which + "_zeros": zeros.to(scales.dtype).contiguous() if self.linear.zero_point else None,
+        }
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        group = "per-channel" if self.linear.group_size == -1 else f"g{self.linear.group_size}"
+        return f"AWQ W4A16 {group} {'asym' if self.linear.zero_point else 'sym'}, {layer.num_experts} experts"
 
 
 def _one_of(config: dict, keys: Tuple[str, ...], default: Any) -> Any:

@@ -60,8 +60,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4, unpack_words
+from pymllm_fx.layers.fused_moe import CheckpointMoEMethod, FusedMoEMethodBase
 from pymllm_fx.layers.parameter import (
     default_weight_loader,
+    load_expert,
     rank_share,
     register_param,
     replace_parameters,
@@ -288,6 +290,9 @@ class PackedIntLinearMethod(LinearMethodBase):
             x, layer.qweight, layer.scales, layer.zeros, self._runtime_group(), bias
         )
 
+    def experts_method(self) -> "PackedIntMoEMethod":
+        return PackedIntMoEMethod(self)
+
     def describe(self, layer: torch.nn.Module) -> str:
         group = f"g{self.group_size}" if self.strategy == "group" else "per-channel"
         return f"W{self.num_bits}A16 {group} {'sym' if self.symmetric else 'asym'}" + (" act-order" if self.actorder else "")
@@ -310,6 +315,98 @@ def _act_order(where: str, g_idx: torch.Tensor, k: int, group_size: int, groups:
             f"{torch.bincount(g_idx, minlength=groups).tolist()[:8]}...); check group_size against the checkpoint"
         )
     return perm.to(torch.int32)
+
+
+@dataclass
+class PackedIntMoEMethod(CheckpointMoEMethod):
+    """Experts of a ``pack-quantized`` checkpoint (each expert's projection: ``weight_packed``,
+    ``weight_scale``, ``weight_zero_point`` when asymmetric, ``weight_shape``), stacked as stored.
+    4-bit: the stored words are already the int4 experts layout (eight ``q + 8`` codes per int32
+    along K, low bits first), so they run as loaded; 8-bit symmetric channel runs on ``moe_w8``."""
+
+    scheme: PackedIntLinearMethod
+
+    name = "compressed-tensors"
+
+    @property
+    def group_size(self) -> int:
+        return self.scheme.group_size if self.scheme.strategy == "group" else -1
+
+    def projection(self, where, which, k, n, part, params_dtype):
+        scheme, f = self.scheme, self.scheme.per_word
+        if scheme.num_bits == 4 and k % PACK_FACTOR:
+            raise ValueError(f"{where}: 4-bit experts pack {PACK_FACTOR} input features per int32, but {which} has "
+                             f"{k}; load the float model and call quantize(model, 'int8')")
+        if not scheme.symmetric and part % f and part != n:
+            raise ValueError(f"{where}: asymmetric weight_zero_point packs {f} output rows per int32, but {which} "
+                             f"stacks projections of {part} rows; load the float model and call quantize(model, 'int8')")
+        groups = num_groups(k, scheme.group_size) if scheme.strategy == "group" else 1
+        tensors = {
+            "weight_packed": ((n, -(-k // f)), torch.int32, dict(output_dim=0)),
+            "weight_scale": ((n, groups), torch.float32, dict(output_dim=0)),
+            "weight_shape": ((2,), torch.int64, dict(weight_loader=_expert_shape_loader(part, k))),
+        }
+        if not scheme.symmetric:
+            tensors["weight_zero_point"] = ((-(-n // f), groups), torch.int32,
+                                            dict(output_dim=0, packed_dim=0, packed_factor=f))
+        return tensors
+
+    def runtime(self, where, which, stacks, params_dtype):
+        scheme = self.scheme
+        packed, scales = stacks["weight_packed"], stacks["weight_scale"]
+        experts, n, words = packed.shape
+        check_finite(where, f"{which}_weight_scale", scales)
+        check_dequantized_range(where, scales, 128 if scheme.num_bits == 8 else 15, params_dtype)
+        if scheme.num_bits == 8:
+            k = int(stacks["weight_shape"][0, 1])  # checked by its loader; the last word may be padding
+            codes = unpack_words(packed.reshape(experts * n, words), 8, k) - 128
+            return {which + "_qweight": codes.to(torch.int8).view(experts, n, k).contiguous(),
+                    which + "_scales": scales.float().reshape(experts, n).contiguous()}
+        scales = exact_in(scales, params_dtype)
+        zeros = None
+        if not scheme.symmetric:
+            zp = stacks["weight_zero_point"]  # (E, ceil(N / 8), G), packed along the outputs
+            groups = zp.shape[2]
+            values = unpack_words(zp.transpose(1, 2).reshape(experts * groups, -1), 4, n)  # q + 8, i.e. zero + 8 - 8
+            zeros = values.view(experts, groups, n).transpose(1, 2).to(scales.dtype).contiguous()
+        return {which + "_qweight": packed.contiguous(), which + "_scales": scales.contiguous(), which + "_zeros": zeros}
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        return f"{self.scheme.describe(layer)}, {layer.num_experts} experts"
+
+
+def _expert_shape_loader(rows: int, cols: int):
+    """``weight_shape`` of one expert's projection must say ``[rows, cols]``; a mismatch means a wrong
+    checkpoint. Each projection's copy fills the expert's slot."""
+
+    def load(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        if loaded.dtype.is_floating_point or loaded.numel() != 2:
+            raise ValueError(f"weight_shape must be two integers [out, in], found {loaded.dtype} of shape "
+                             f"{tuple(loaded.shape)}")
+        found = [int(v) for v in loaded.reshape(2)]
+        if found != [rows, cols]:
+            raise ValueError(f"weight_shape says the checkpoint weight is {found}, but this expert projection is "
+                             f"[out={rows}, in={cols}]; the checkpoint is for another model")
+        load_expert(param, loaded.reshape(2).to(param.dtype), shard_id)
+
+    return load
+
+
+class _RefusedExperts(FusedMoEMethodBase):
+    """Experts a checkpoint's config gives no loadable scheme: refused when the layer is built."""
+
+    name = "compressed-tensors"
+    prequantized = True
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def create_weights(self, layer, *args, **kwargs) -> None:
+        raise NotImplementedError(f"{getattr(layer, 'prefix', '') or 'experts'}: {self.reason}; load the float model "
+                                  f"and call quantize(model, method)")
+
+    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
+        raise NotImplementedError(self.reason)
 
 
 def _weight_shape_loader(output_size: int, input_size: int):
@@ -411,6 +508,21 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
     def describe(self, layer: torch.nn.Module) -> str:
         text = layer.scheme.describe(layer)
         return f"{layer.scheme_group}: {text}" if layer.scheme_group else text
+
+    def experts_method(self) -> FusedMoEMethodBase:
+        """Experts take the scheme of the config group that targets ``Linear`` (every per-expert
+        projection is a Linear to the tools that wrote the checkpoint), as vLLM chooses it."""
+        if "Linear" not in self.targets:
+            return _RefusedExperts(
+                f"no compressed-tensors config group targets 'Linear' (targets: {sorted(self.targets)[:4]}), and "
+                f"pymllm_fx gives experts the 'Linear' group's scheme")
+        group, scheme = self.targets["Linear"]
+        make = getattr(scheme, "experts_method", None)
+        if make is None:
+            return _RefusedExperts(f"config group {group!r} ({type(scheme).__name__}) has no experts layout here")
+        method = make()
+        method.name, method.ignore = self.name, self.ignore
+        return method
 
     @classmethod
     def from_config(cls, config: dict) -> "CompressedTensorsLinearMethod":

@@ -42,9 +42,11 @@ import torch.nn.functional as F
 
 from pymllm_fx.kernels.fp8_block import block_scale_shape, check_block_size
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX
+from pymllm_fx.layers.fused_moe import CheckpointMoEMethod
 from pymllm_fx.layers.parameter import (
     create_float_weight,
     default_weight_loader,
+    load_expert,
     register_param,
     replace_parameters,
 )
@@ -323,6 +325,9 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         input_scale = layer.input_scale if self.activation_scheme == "static" else None
         return fp8_linear_per_tensor_act(x, layer.weight, layer.weight_scale, input_scale, bias)
 
+    def experts_method(self) -> "Fp8CheckpointMoEMethod":
+        return Fp8CheckpointMoEMethod(self)
+
     def describe(self, layer: torch.nn.Module) -> str:
         if layer.weight.dtype != FP8_DTYPE:
             return "unquantized (ignored by the checkpoint)"
@@ -414,3 +419,79 @@ class Fp8WeightOnlyLinearMethod(LinearMethodBase):
 
     def describe(self, layer: torch.nn.Module) -> str:
         return f"W8A16 e4m3 checkpoint, per-{self.weight_strategy} weight scale"
+
+
+def _per_tensor_expert_scale(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    """A per-tensor weight scale (``()`` or ``(1,)``) of one expert's projection into its entry of the
+    stack ``(E, projections)``."""
+    if loaded.numel() != 1:
+        raise ValueError(f"expected one per-tensor scale (shape () or (1,)), found shape {tuple(loaded.shape)}")
+    if not loaded.dtype.is_floating_point:
+        raise TypeError(f"expected a float scale, found dtype {loaded.dtype}")
+    load_expert(param, loaded.reshape(1), shard_id)
+
+
+@dataclass
+class Fp8CheckpointMoEMethod(CheckpointMoEMethod):
+    """Experts of an fp8 checkpoint (vLLM / AutoFP8 per-tensor ``weight_scale``, compressed-tensors
+    per-channel ``weight_scale``, or DeepSeek-V3 ``weight_scale_inv`` per block): each expert's e4m3
+    ``weight`` and its scales stacked as stored. They run on ``moe_w8`` exactly as stored: a
+    per-tensor scale becomes the same scale on every row, block scales stay per block. Like every
+    experts layer here, the grouped kernel keeps the activations 16-bit (weight-only), where the
+    checkpoint's tools quantize them to e4m3 per token (or token group)."""
+
+    linear: Fp8CheckpointLinearMethod
+
+    name = "fp8-checkpoint"
+
+    @property
+    def block(self) -> Tuple[int, int]:
+        return tuple(self.linear.weight_block_size) if self.linear.weight_strategy == "block" else (0, 0)
+
+    def left_float(self, where: str):
+        pattern = matches_module(where, self.linear.ignored_layers)
+        return f"ignored_layers {pattern!r}" if pattern is not None else super().left_float(where)
+
+    def projection(self, where, which, k, n, part, params_dtype):
+        cfg = self.linear
+        if cfg.activation_scheme == "static":
+            raise NotImplementedError(
+                f"{where}: static activation scales (input_scale) have no use in the experts kernel, which keeps "
+                f"activations 16-bit, so these experts would not compute what the checkpoint describes; use a "
+                f"checkpoint with dynamic activations, or load the float model and call quantize(model, 'fp8')")
+        tensors = {"weight": ((n, k), FP8_DTYPE, dict(output_dim=0))}
+        if cfg.weight_strategy == "block":
+            bn, bk = cfg.weight_block_size
+            if part % bn and part != n:
+                raise ValueError(
+                    f"{where}: {which} stacks projections of {part} rows, not a multiple of the {bn}-row weight "
+                    f"blocks, so one expert's gate and up would share a row of {cfg.block_scale_name!r}")
+            tensors[cfg.block_scale_name] = (block_scale_shape(n, k, cfg.weight_block_size), torch.float32,
+                                             dict(output_dim=0, packed_dim=0, packed_factor=bn))
+        elif cfg.weight_strategy == "tensor":
+            # One scale per projection: as a "packed" dim of `part` rows, the loader turns a
+            # projection's first row into its entry.
+            tensors["weight_scale"] = ((n // part,), torch.float32, dict(
+                output_dim=0, packed_dim=0, packed_factor=part, weight_loader=_per_tensor_expert_scale))
+        else:
+            tensors["weight_scale"] = ((n, 1), torch.float32, dict(output_dim=0))
+        return tensors
+
+    def runtime(self, where, which, stacks, params_dtype):
+        scale_name = self.linear.block_scale_name if self.linear.weight_strategy == "block" else "weight_scale"
+        weight, scales = stacks["weight"], stacks[scale_name].float()
+        check_fp8_codes(where, f"{which}_weight", weight)
+        check_finite(where, f"{which}_{scale_name}", scales)
+        if self.linear.weight_strategy == "tensor":  # the same scale on each row of a projection: exact
+            scales = scales.repeat_interleave(weight.shape[1] // scales.shape[1], dim=1)
+        elif self.linear.weight_strategy == "channel":
+            scales = scales.reshape(weight.shape[0], weight.shape[1])
+        return {which + "_qweight": weight.contiguous(), which + "_scales": scales.contiguous()}
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        if self.linear.weight_strategy == "block":
+            bn, bk = self.linear.weight_block_size
+            scales = f"{bn}x{bk} block weight scales"
+        else:
+            scales = f"per-{self.linear.weight_strategy} weight scale"
+        return f"W8A16 e4m3 checkpoint, {scales}, {layer.num_experts} experts"

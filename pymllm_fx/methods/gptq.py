@@ -36,10 +36,9 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w4a16 import num_groups, pack_int4
-from pymllm_fx.layers.fused_moe import FusedMoEMethodBase
+from pymllm_fx.layers.fused_moe import CheckpointMoEMethod
 from pymllm_fx.layers.parameter import (
     default_weight_loader,
-    load_expert,
     rank_share,
     register_param,
     replace_parameters,
@@ -371,76 +370,60 @@ def input_is_split(layer: torch.nn.Module) -> bool:
 
 
 @dataclass
-class GPTQMoEMethod(FusedMoEMethodBase):
+class GPTQMoEMethod(CheckpointMoEMethod):
     """Experts of a 4-bit GPTQ checkpoint (each expert's ``w1``/``w3``/``w2`` or
     ``gate_proj``/``up_proj``/``down_proj`` stored as a GPTQ linear), stacked as stored and
-    turned into the int4 experts layout after loading; they then run as ``Int4MoEMethod``'s."""
+    turned into the int4 experts layout after loading."""
 
     linear: GPTQLinearMethod
 
     name = "gptq"
-    prequantized = True
 
-    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                       **extra_weight_attrs: Any) -> None:
-        where = getattr(layer, "prefix", "") or "experts"
+    @property
+    def group_size(self) -> int:
+        return self.linear.group_size
+
+    def projection(self, where, which, k, n, part, params_dtype):
         cfg = self.linear
-        if cfg.bits != 4 or cfg.desc_act or getattr(layer, "tp_size", 1) > 1:
+        if cfg.bits != 4 or cfg.desc_act:
             raise NotImplementedError(
-                f"{where}: GPTQ experts load only as 4-bit, without act-order, unsplit (this checkpoint: "
-                f"bits={cfg.bits}, desc_act={cfg.desc_act}, tp_size={getattr(layer, 'tp_size', 1)}); load the float "
-                f"model and call quantize(model, 'int4') instead")
-        rows = (2 if layer.has_gate else 1) * intermediate_size_per_partition
-        for which, k, n in (("w13", hidden_size, rows), ("w2", intermediate_size_per_partition, hidden_size)):
-            if k % 8 or n % 8:
-                raise ValueError(f"{where}: gptq packs 8 values per int32 along inputs and outputs, but {which} is "
-                                 f"[out={n}, in={k}]; load the float model and call quantize(model, 'int8')")
-            groups = num_groups(k, checkpoint_group(cfg.group_size, k))
-            attrs = {"weight_loader": load_expert}
-            register_param(layer, f"{which}_qweight", torch.empty(num_experts, k // 8, n, dtype=torch.int32),
-                           dict(output_dim=2, packed_dim=1, packed_factor=8), attrs)
-            register_param(layer, f"{which}_qzeros", torch.empty(num_experts, groups, n // 8, dtype=torch.int32),
-                           dict(output_dim=2, packed_dim=2, packed_factor=8), attrs)
-            register_param(layer, f"{which}_scales", torch.empty(num_experts, groups, n, dtype=params_dtype),
-                           dict(output_dim=2), attrs)
-            register_param(layer, f"{which}_g_idx", torch.full((num_experts, k), -1, dtype=torch.int32), {}, attrs)
+                f"{where}: GPTQ experts load only as 4-bit, without act-order (this checkpoint: bits={cfg.bits}, "
+                f"desc_act={cfg.desc_act}); load the float model and call quantize(model, 'int4') instead")
+        if k % 8 or part % 8:
+            raise ValueError(f"{where}: gptq packs 8 values per int32 along inputs and outputs, but {which} is "
+                             f"[out={part} per projection, in={k}]; load the float model and call quantize(model, 'int8')")
+        groups = num_groups(k, checkpoint_group(cfg.group_size, k))
+        return {
+            "qweight": ((k // 8, n), torch.int32, dict(output_dim=1, packed_dim=0, packed_factor=8)),
+            "qzeros": ((groups, n // 8), torch.int32, dict(output_dim=1, packed_dim=1, packed_factor=8)),
+            "scales": ((groups, n), params_dtype, dict(output_dim=1)),
+            "g_idx": ((k,), torch.int32, {}),  # no output dim: each projection's copy fills the expert's slot
+        }
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        where = getattr(layer, "prefix", "") or "experts"
+    def runtime(self, where, which, stacks, params_dtype):
         cfg = self.linear
-        runtime = {}
-        for which in ("w13", "w2"):
-            qweight, scales = getattr(layer, which + "_qweight").data, getattr(layer, which + "_scales").data
-            experts, k = qweight.shape[0], qweight.shape[1] * 8
-            group = checkpoint_group(cfg.group_size, k)
-            g_idx = getattr(layer, which + "_g_idx").data
-            if not torch.equal(g_idx.long(), (torch.arange(k, device=g_idx.device) // group).expand_as(g_idx)):
-                raise ValueError(f"{where}: a {which} g_idx does not number the {k} inputs in groups of {group}; "
-                                 f"check group_size={cfg.group_size} against the checkpoint")
-            if not torch.isfinite(scales).all():
-                raise ValueError(f"{where}: tensor '{which}_scales' holds NaN or Inf; the checkpoint is corrupt")
-            check_dequantized_range(where, scales, 15, getattr(layer, "params_dtype", scales.dtype))
-            qzeros = getattr(layer, which + "_qzeros").data
-            if cfg.checkpoint_format == "gptq":
-                words = (qzeros.long() + V1_ZERO_OFFSET[4]) & 0xFFFFFFFF
-                qzeros = (words - ((words >> 31) << 32)).to(torch.int32)
-            zeros = torch.stack([unpack_cols(z, 4) for z in qzeros])  # (E, G, N)
-            if cfg.sym and not bool((zeros == 8).all()):
-                raise ValueError(f"{where}: sym=true, but {which} qzeros decode to zero points other than 8 (as "
-                                 f"checkpoint_format={cfg.checkpoint_format!r})")
-            runtime[which + "_qweight"] = qweight.transpose(1, 2).contiguous()  # (E, N, K/8): packed along K
-            runtime[which + "_scales"] = scales.transpose(1, 2).contiguous()
-            runtime[which + "_zeros"] = None if cfg.sym else zeros.transpose(1, 2).to(scales.dtype).contiguous()
-        names = tuple(f"{w}_{t}" for w in ("w13", "w2") for t in ("qweight", "qzeros", "scales", "g_idx"))
-        replace_parameters(layer, names, runtime)
-
-    def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
-        from pymllm_fx.methods.int4 import Int4MoEMethod
-
-        group = self.linear.group_size
-        if group == -1:  # one group a row: a group as long as the longer of the two inputs
-            group = max(layer.hidden_size, layer.intermediate_size_per_partition)
-        return Int4MoEMethod.apply(Int4MoEMethod(group, self.linear.sym), layer, x, topk_ids, topk_weights)
+        qweight, scales, g_idx = stacks["qweight"], stacks["scales"], stacks["g_idx"]
+        k = qweight.shape[1] * 8
+        group = checkpoint_group(cfg.group_size, k)
+        if not torch.equal(g_idx.long(), (torch.arange(k, device=g_idx.device) // group).expand_as(g_idx)):
+            raise ValueError(f"{where}: a {which} g_idx does not number the {k} inputs in groups of {group}; "
+                             f"check group_size={cfg.group_size} against the checkpoint")
+        if not torch.isfinite(scales).all():
+            raise ValueError(f"{where}: tensor '{which}_scales' holds NaN or Inf; the checkpoint is corrupt")
+        check_dequantized_range(where, scales, 15, params_dtype)
+        qzeros = stacks["qzeros"]
+        if cfg.checkpoint_format == "gptq":
+            words = (qzeros.long() + V1_ZERO_OFFSET[4]) & 0xFFFFFFFF
+            qzeros = (words - ((words >> 31) << 32)).to(torch.int32)
+        zeros = torch.stack([unpack_cols(z, 4) for z in qzeros])  # (E, G, N)
+        if cfg.sym and not bool((zeros == 8).all()):
+            raise ValueError(f"{where}: sym=true, but {which} qzeros decode to zero points other than 8 (as "
+                             f"checkpoint_format={cfg.checkpoint_format!r})")
+        return {
+            which + "_qweight": qweight.transpose(1, 2).contiguous(),  # (E, N, K/8): packed along K
+            which + "_scales": scales.transpose(1, 2).contiguous(),
+            which + "_zeros": None if cfg.sym else zeros.transpose(1, 2).to(scales.dtype).contiguous(),
+        }
 
     def describe(self, layer: torch.nn.Module) -> str:
         group = "per-channel" if self.linear.group_size == -1 else f"g{self.linear.group_size}"

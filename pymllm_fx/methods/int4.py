@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4, pack_words
-from pymllm_fx.layers.fused_moe import FusedMoEMethodBase, create_float_experts, expert_chunks, run_experts
+from pymllm_fx.layers.fused_moe import FusedMoEMethodBase, create_float_experts, expert_chunks, run_int4_experts
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
 from pymllm_fx.methods.common import check_config_keys, check_finite, config_bool, config_int
@@ -160,12 +160,7 @@ class Int4MoEMethod(FusedMoEMethodBase):
             })
 
     def apply(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
-        def gemm(inputs, which, ids, weights):
-            return torch.ops.pymllm_fx.moe_w4a16(
-                inputs, getattr(layer, which + "_qweight"), getattr(layer, which + "_scales"),
-                getattr(layer, which + "_zeros"), self.group_size, ids, weights)
-
-        return run_experts(layer, x, topk_ids, topk_weights, gemm)
+        return run_int4_experts(layer, x, topk_ids, topk_weights, self.group_size)
 
     def describe(self, layer: torch.nn.Module) -> str:
         return f"W4A16 g{self.group_size} {'sym' if self.sym else 'asym'}, {layer.num_experts} experts"

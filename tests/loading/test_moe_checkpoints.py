@@ -102,40 +102,104 @@ def test_missing_expert_biases_are_named(tmp_path):
             quiet(pymllm_fx.from_pretrained, path, method="int8", device="cpu", progress=False, skip=skip)
 
 
-def gptq_expert_checkpoint(tmp_path, group: int = 32, sym: bool = True):
-    """A GPTQ Mixtral as GPTQModel lays it out: attention in GPTQ (written by save_quantized), and each
-    expert's w1 / w3 / w2 a GPTQ linear (qweight packed along K, qzeros v1 along N, scales, g_idx),
-    built here from the documented layout; the router stays float."""
-    from pymllm_fx.kernels.w4a16 import pack_words
-    from pymllm_fx.methods.int4 import quantize_int4
+# Golden packing, written from each format's definition (not pymllm_fx's packers).
 
-    model, _ = saved("mixtral", tmp_path)
-    method = {"quant_method": "int4", "group_size": group, "sym": sym}
-    dense = quiet(pymllm_fx.quantize, copy_of(model), method, progress=False, skip=["lm_head", "*.experts"])
-    out = tmp_path / "gptq"
-    pymllm_fx.save_quantized(dense, out, "gptq", progress=False)
+
+def pack_low_first(values: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Unsigned ``(R, C)`` -> int32 ``(R, C * bits / 32)``: value j of each word at bits ``bits * j``,
+    the order of GPTQ's ``pack`` and compressed-tensors' ``pack_to_int32``."""
+    per_word = 32 // bits
+    words = torch.zeros(values.shape[0], values.shape[1] // per_word, dtype=torch.int64)
+    for j in range(per_word):
+        words |= (values[:, j::per_word].long() & ((1 << bits) - 1)) << (bits * j)
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ WQLinear_GEMM.from_linear: nibble i holds column 8c + AWQ_ORDER[i]
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """``(R, C)`` codes -> int32 ``(R, C / 8)`` in AutoAWQ's GEMM order."""
+    words = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
+    for i, column in enumerate(AWQ_ORDER):
+        words |= values[:, column::8].long() << (4 * i)
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+EXPERT_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+
+
+def expert_checkpoint(tmp_path, arch: str, fmt: str, dense_method, projection):
+    """A quantized ``arch`` checkpoint as its tools lay it out: the dense layers written by
+    save_quantized in ``fmt``, each expert's gate / up / down projection written as one linear of
+    that format by ``projection(weight (out, in)) -> {tensor name: tensor}``; the router stays float."""
+    model, _ = saved(arch, tmp_path)
+    dense = quiet(pymllm_fx.quantize, copy_of(model), dense_method, progress=False, skip=["lm_head", "*.experts"])
+    out = tmp_path / fmt
+    pymllm_fx.save_quantized(dense, out, fmt, progress=False)
     tensors = load_file(out / "model.safetensors")
+    block, gate, up, down = EXPERT_NAMES[arch]
     for layer in range(2):
-        stacked = [k for k in tensors if k.startswith(f"model.layers.{layer}.") and "experts" in k]
-        for key in stacked:
+        for key in [k for k in tensors if k.startswith(f"model.layers.{layer}.") and ".experts." in k]:
             del tensors[key]
         experts = model.model.layers[layer].mlp.experts
         inter = experts.down_proj.shape[2]
         for e in range(experts.gate_up_proj.shape[0]):
-            weights = {"w1": experts.gate_up_proj[e, :inter], "w3": experts.gate_up_proj[e, inter:],
-                       "w2": experts.down_proj[e]}
+            weights = {gate: experts.gate_up_proj[e, :inter], up: experts.gate_up_proj[e, inter:], down: experts.down_proj[e]}
             for proj, w in weights.items():
-                codes, scales, zeros = quantize_int4(w.detach(), group, sym)
-                n, k = w.shape
-                prefix = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}"
-                tensors[f"{prefix}.qweight"] = pack_words(codes.to(torch.int32), 4).t().contiguous()
-                # sym: v1 ("gptq"), zero points minus one; asym: v2, as they are (as save_quantized writes)
-                stored = torch.full((n, k // group), 7) if sym else zeros.to(torch.int32)
-                tensors[f"{prefix}.qzeros"] = pack_words(stored.t().to(torch.int32), 4)
-                tensors[f"{prefix}.scales"] = scales.t().contiguous()
-                tensors[f"{prefix}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
+                for key, value in projection(w.detach()).items():
+                    tensors[f"model.layers.{layer}.{block}.experts.{e}.{proj}.{key}"] = value
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return model, out
+
+
+def gptq_projection(group: int, sym: bool):
+    """GPTQ: qweight (K/8, N) packed along K, qzeros (G, N/8) along N (v1: zero points minus one, as
+    save_quantized writes symmetric layers; v2: as they are), scales (G, N), g_idx (K,)."""
+    from pymllm_fx.methods.int4 import quantize_int4
+
+    def write(w):
+        codes, scales, zeros = quantize_int4(w, group, sym)
+        n, k = w.shape
+        stored = torch.full((n, k // group), 7) if sym else zeros.to(torch.int32)
+        return {"qweight": pack_low_first(codes).t().contiguous(), "qzeros": pack_low_first(stored.t()),
+                "scales": scales.t().contiguous(), "g_idx": (torch.arange(k) // group).to(torch.int32)}
+
+    return write
+
+
+def awq_projection(group: int):
+    """AutoAWQ GEMM: qweight (K, N/8) and qzeros (K/g, N/8) packed along N in AWQ's order, scales (K/g, N)."""
+    from pymllm_fx.methods.int4 import quantize_int4
+
+    def write(w):
+        codes, scales, zeros = quantize_int4(w, group, False)
+        return {"qweight": pack_awq(codes.t()), "qzeros": pack_awq(zeros.t().to(torch.int32)),
+                "scales": scales.t().contiguous()}
+
+    return write
+
+
+def ct_int4_projection(group: int, sym: bool):
+    """compressed-tensors pack-quantized: weight_packed (N, K/8) holds q + 8 of each signed code q,
+    eight per int32 along K, low bits first; weight_scale (N, G); weight_zero_point (N/8, G): the signed
+    zero points + 8, packed the same way along N; weight_shape [N, K]."""
+    from pymllm_fx.methods.int4 import quantize_int4
+
+    def write(w):
+        codes, scales, zeros = quantize_int4(w, group, sym)  # codes are q + 8, zeros zero_point + 8
+        out = {"weight_packed": pack_low_first(codes), "weight_scale": scales.contiguous(),
+               "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+        if not sym:
+            out["weight_zero_point"] = pack_low_first(zeros.t().to(torch.int32)).t().contiguous()
+        return out
+
+    return write
+
+
+def gptq_expert_checkpoint(tmp_path, group: int = 32, sym: bool = True):
+    method = {"quant_method": "int4", "group_size": group, "sym": sym}
+    return expert_checkpoint(tmp_path, "mixtral", "gptq", method, gptq_projection(group, sym))
 
 
 def copy_of(model):
@@ -164,6 +228,140 @@ def test_gptq_moe_checkpoint_missing_an_expert_tensor_is_named(tmp_path):
     del tensors["model.layers.0.block_sparse_moe.experts.1.w2.scales"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"experts\.1\.down"):
+        quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+
+
+def test_awq_moe_checkpoint_loads_its_experts(tmp_path):
+    model, path = expert_checkpoint(tmp_path, "qwen3_moe", "awq", {"quant_method": "int4", "group_size": 32},
+                                    awq_projection(32))
+    loaded = quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+    layers = [m for m in loaded.modules() if isinstance(m, FusedMoE)]
+    assert len(layers) == 2 and all(m.quant_method.name == "awq" for m in layers)
+    expected = quiet(pymllm_fx.quantize, model, {"quant_method": "int4", "group_size": 32}, progress=False)
+    with torch.no_grad():
+        assert rel_err(loaded(ids()).logits, expected(ids()).logits) <= 1e-5
+    assert "AWQ W4A16 g32 asym, 4 experts" in str(pymllm_fx.explain(loaded, file=None))
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.2.up_proj.qzeros"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.experts\.2\.up \(stacked into w13_qzeros\)"):
+        quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("arch,sym", [("mixtral", True), ("qwen3_moe", False)], ids=["sym", "asym"])
+def test_compressed_tensors_int4_moe_checkpoint_loads_its_experts(tmp_path, arch, sym):
+    method = {"quant_method": "int4", "group_size": 32, "sym": sym}
+    model, path = expert_checkpoint(tmp_path, arch, "compressed-tensors", method, ct_int4_projection(32, sym))
+    loaded = quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+    layers = [m for m in loaded.modules() if isinstance(m, FusedMoE)]
+    assert len(layers) == 2 and all(m.quant_method.name == "compressed-tensors" for m in layers)
+    expected = quiet(pymllm_fx.quantize, model, method, progress=False)
+    with torch.no_grad():
+        assert rel_err(loaded(ids()).logits, expected(ids()).logits) <= 1e-5
+    assert f"W4A16 g32 {'sym' if sym else 'asym'}, 4 experts" in str(pymllm_fx.explain(loaded, file=None))
+
+
+def test_compressed_tensors_expert_with_a_wrong_weight_shape_is_named(tmp_path):
+    method = {"quant_method": "int4", "group_size": 32, "sym": True}
+    _, path = expert_checkpoint(tmp_path, "mixtral", "compressed-tensors", method, ct_int4_projection(32, True))
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.block_sparse_moe.experts.3.w2.weight_shape"] = torch.tensor([64, 128])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"experts\.3\.w2\.weight_shape.*\[64, 128\].*\[out=64, in=64\]"):
+        quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+
+
+def fp8_expert_checkpoint(tmp_path, arch: str, quantization_config: dict, projection):
+    """A float ``arch`` checkpoint whose experts alone are stored as fp8 linears, each written by
+    ``projection(weight) -> ({tensor name: tensor}, the weight it dequantizes to)``; returns the float
+    model with those dequantized expert weights (what the loaded experts must compute) and the path."""
+    import json
+
+    model, path = saved(arch, tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    block, gate, up, down = EXPERT_NAMES[arch]
+    for layer in range(2):
+        experts = model.model.layers[layer].mlp.experts
+        inter = experts.down_proj.shape[2]
+        for e in range(experts.gate_up_proj.shape[0]):
+            for proj, rows, stack in ((gate, slice(0, inter), experts.gate_up_proj),
+                                      (up, slice(inter, 2 * inter), experts.gate_up_proj),
+                                      (down, slice(None), experts.down_proj)):
+                written, dequantized = projection(stack[e, rows].detach())
+                name = f"model.layers.{layer}.{block}.experts.{e}.{proj}"
+                del tensors[f"{name}.weight"]
+                tensors.update({f"{name}.{key}": value for key, value in written.items()})
+                with torch.no_grad():
+                    stack[e, rows] = dequantized
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(config))
+    return model, path
+
+
+def fp8_projection(strategy: str, block=(32, 32), block_scale_name: str = "weight_scale_inv"):
+    """e4m3 ``weight`` (N, K) and its scale: per tensor (vLLM / AutoFP8 ``weight_scale``, one value),
+    per channel (compressed-tensors ``weight_scale`` (N, 1)) or per block (DeepSeek-V3
+    ``weight_scale_inv`` (N/bn, K/bk): despite the name, the weight is code times scale)."""
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+
+    def write(w):
+        n, k = w.shape
+        if strategy == "tensor":
+            scale = w.abs().amax() / fp8_max
+            per_weight = scale.expand(n, k)
+        elif strategy == "channel":
+            scale = w.abs().amax(dim=1, keepdim=True) / fp8_max
+            per_weight = scale.expand(n, k)
+        else:
+            bn, bk = block
+            scale = w.reshape(n // bn, bn, k // bk, bk).abs().amax(dim=(1, 3)) / fp8_max
+            per_weight = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+        q = (w / per_weight).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
+        name = block_scale_name if strategy == "block" else "weight_scale"
+        return {"weight": q, name: scale.float().contiguous()}, q.float() * per_weight
+
+    return write
+
+
+def ct_fp8_config(strategy: str) -> dict:
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+    if strategy == "block":  # the FP8_BLOCK preset, at a tiny block
+        weights["block_structure"] = [32, 32]
+        acts.update(strategy="group", group_size=32)
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}}}
+
+
+FP8_CHECKPOINTS = {  # name -> (quantization_config, projection, explain() detail)
+    "fp8-tensor": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, fp8_projection("tensor"),
+                   "per-tensor weight scale"),
+    "ct-fp8-channel": (ct_fp8_config("channel"), fp8_projection("channel"), "per-channel weight scale"),
+    "fp8-block": ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32]},
+                  fp8_projection("block"), "32x32 block weight scales"),
+    "ct-fp8-block": (ct_fp8_config("block"), fp8_projection("block", block_scale_name="weight_scale"),
+                     "32x32 block weight scales"),
+}
+
+
+@pytest.mark.parametrize("name", list(FP8_CHECKPOINTS))
+def test_fp8_moe_checkpoint_loads_its_experts_as_stored(tmp_path, name):
+    config, projection, detail = FP8_CHECKPOINTS[name]
+    model, path = fp8_expert_checkpoint(tmp_path, "qwen3_moe", config, projection)
+    loaded = quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+    layers = [m for m in loaded.modules() if isinstance(m, FusedMoE)]
+    assert len(layers) == 2 and all(m.w13_qweight.dtype == torch.float8_e4m3fn for m in layers)
+    with torch.no_grad():  # weight-only: the float model with the dequantized expert weights
+        assert rel_err(loaded(ids()).logits, model(ids()).logits) <= 1e-5
+    assert f"W8A16 e4m3 checkpoint, {detail}, 4 experts" in str(pymllm_fx.explain(loaded, file=None))
+
+
+def test_fp8_block_experts_whose_gate_would_share_a_scale_row_with_up_are_refused(tmp_path):
+    config = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [64, 32]}
+    _, path = fp8_expert_checkpoint(tmp_path, "qwen3_moe", config, fp8_projection("block", (32, 32)))
+    with pytest.raises(ValueError, match=r"mlp\.experts: w13 stacks projections of 32 rows, not a multiple of the 64-row"):
         quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
 
 
