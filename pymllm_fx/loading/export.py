@@ -41,6 +41,11 @@ how activations are quantized, and reading fields keeps the seed interface
 (``create_weights`` / ``apply`` / ``process_weights_after_loading``) untouched. A new method needs
 one branch there.
 
+Quantized experts (``FusedMoE``) are written one linear per expert and projection, named as
+transformers' ``save_pretrained`` names the float experts (``renames.expert_checkpoint_names``);
+:func:`read_expert` reads one expert's stack in checkpoint terms, and every format's writer takes
+it as it takes a linear layer.
+
 Merged layers (``MergedColumnParallelLinear`` / ``QKVParallelLinear``) are written split into the
 checkpoint names given by ``merged_layers``. GPT-2 ``Conv1D`` sites keep their original names and
 their ``(in, out)`` float / fp8 ``weight`` layout (what ``api.quantize``'s loader transposes back);
@@ -62,9 +67,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE
-from pymllm_fx.kernels.w4a16 import SYMMETRIC_ZERO, num_groups, pack_words, unpack_int4
+from pymllm_fx.kernels.w4a16 import SYMMETRIC_ZERO, num_groups, pack_words, unpack_int4, unpack_words
+from pymllm_fx.layers.fused_moe import FusedMoE
 from pymllm_fx.layers.linear import LinearBase
 from pymllm_fx.layers.quantize_base import UnquantizedLinearMethod
+from pymllm_fx.loading.renames import expert_checkpoint_names
 from pymllm_fx.methods.awq import AWQ_ORDER, AWQLinearMethod
 from pymllm_fx.methods.common import checkpoint_group, expand_groups, is_float_layer, runtime_group
 from pymllm_fx.methods.compressed_tensors import (
@@ -74,7 +81,7 @@ from pymllm_fx.methods.compressed_tensors import (
     exact_in,
 )
 from pymllm_fx.methods.fp8 import Fp8LinearMethod
-from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, Fp8WeightOnlyLinearMethod
+from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, Fp8CheckpointMoEMethod, Fp8WeightOnlyLinearMethod
 from pymllm_fx.methods.gptq import GPTQLinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
@@ -199,12 +206,7 @@ def _read_int4(layer, where: str, group: int, runtime: int, per_row: bool, perm=
     scales = _collapse(layer.scales.data, group, runtime, k, where, "scales")
     zeros = None
     if layer.zeros is not None:
-        z = _collapse(layer.zeros.data, group, runtime, k, where, "zeros")
-        zeros = z.round().to(torch.int32)
-        if not torch.equal(zeros.to(z.dtype), z) or int(zeros.min()) < 0 or int(zeros.max()) > 15:
-            raise ValueError(f"{where}: tensor 'zeros' holds values that are not integer zero points 0..15")
-        if bool((zeros == SYMMETRIC_ZERO).all()):
-            zeros = None  # symmetric after all (an AWQ zero_point checkpoint of a symmetric model)
+        zeros = _zero_points(_collapse(layer.zeros.data, group, runtime, k, where, "zeros"), where, "zeros")
     g_idx = None
     if perm is not None:  # act-order: runtime column j is checkpoint column perm[j]
         perm = perm.long()
@@ -212,6 +214,35 @@ def _read_int4(layer, where: str, group: int, runtime: int, per_row: bool, perm=
         g_idx = torch.empty(k, dtype=torch.int32, device=perm.device)
         g_idx[perm] = (torch.arange(k, device=perm.device) // group).to(torch.int32)
     return Quantized("int4", codes, scales, zeros, -1 if per_row else group, g_idx)
+
+
+def _zero_points(z: torch.Tensor, where: str, name: str) -> Optional[torch.Tensor]:
+    """Float runtime zero points -> int32 0..15, or None when all are the symmetric 8 (an AWQ
+    zero_point checkpoint of a symmetric model)."""
+    zeros = z.round().to(torch.int32)
+    if not torch.equal(zeros.to(z.dtype), z) or int(zeros.min()) < 0 or int(zeros.max()) > 15:
+        raise ValueError(f"{where}: tensor {name!r} holds values that are not integer zero points 0..15")
+    return None if bool((zeros == SYMMETRIC_ZERO).all()) else zeros
+
+
+def read_expert(layer: FusedMoE, which: str, expert: int, where: str = "") -> Quantized:
+    """One expert's ``which`` ("w13": gate and up rows, "w2": down) of a quantized experts layer in
+    checkpoint terms. The experts layouts keep the checkpoint's groups (int4) and scales (8-bit), so
+    this reads them as they are."""
+    where = where or layer.prefix or "experts"
+    method = layer.quant_method
+    qweight, scales = getattr(layer, which + "_qweight").data[expert], getattr(layer, which + "_scales").data[expert]
+    if qweight.dtype == torch.int32:  # the int4 experts layout: codes packed along K, plain order
+        group = method.group_size  # Int4MoEMethod and the 4-bit checkpoints' experts; -1: one group per row
+        zeros = getattr(layer, which + "_zeros")
+        zeros = None if zeros is None else _zero_points(zeros.data[expert], where, which + "_zeros")
+        return Quantized("int4", unpack_words(qweight, 4), scales, zeros, group)
+    if qweight.dtype == torch.int8:
+        return Quantized("int8", qweight, scales)
+    if isinstance(method, Fp8CheckpointMoEMethod) and method.linear.weight_strategy == "block":
+        return Quantized("fp8", qweight, scales, activation="group", weight_strategy="block", block_size=method.block)
+    strategy = method.linear.weight_strategy if isinstance(method, Fp8CheckpointMoEMethod) else "channel"
+    return Quantized("fp8", qweight, scales, weight_strategy=strategy)
 
 
 def _collapse(t: torch.Tensor, group: int, runtime: int, k: int, where: str, name: str) -> torch.Tensor:
@@ -238,6 +269,7 @@ class _Site:
     name: str
     q: Quantized
     conv1d: bool = False
+    expert: bool = False  # one expert's projection of an experts layer
 
     @property
     def n(self) -> int:
@@ -359,6 +391,8 @@ class _GPTQ:
             if site.q.kind == "w8a8":
                 raise _refuse(site, self.fmt, "GPTQ holds weight-only layers and would drop the int8 activations",
                               "use format='compressed-tensors'")
+            if site.expert and site.q.kind != "int4":
+                raise _refuse(site, self.fmt, "GPTQ experts load back only as 4-bit", "use format='compressed-tensors'")
         bits = _one_value(sites, lambda s: 8 if s.q.kind == "int8" else 4, self.fmt, "bit width",
                           "use format='compressed-tensors', which has one config group per scheme")
         self.bits = bits or 4
@@ -423,9 +457,17 @@ class _CompressedTensors:
             scheme = self._scheme(site)
             groups.setdefault(json.dumps(scheme, sort_keys=True), (scheme, []))[1].append(site.name)
         by_name = len(groups) > 1 or any(site.conv1d for site in sites)
+        experts = {site.name for site in sites if site.expert}
+        with_experts = [i for i, (_, names) in enumerate(groups.values()) if experts & set(names)]
+        if len(with_experts) > 1:
+            raise ValueError(f"cannot write {self.fmt!r}: its readers give every expert the scheme of the group that "
+                             f"targets 'Linear', but these experts have {len(with_experts)} schemes; use format='gptq' "
+                             f"or 'awq'")
         config_groups = {}
         for i, (scheme, names) in enumerate(groups.values()):
-            config_groups[f"group_{i}"] = {**scheme, "targets": names if by_name else ["Linear"]}
+            # Experts are matched by class ("Linear"), the other layers by name when there are several schemes.
+            targets = [name for name in names if name not in experts] + (["Linear"] if i in with_experts else [])
+            config_groups[f"group_{i}"] = {**scheme, "targets": targets if by_name else ["Linear"]}
         formats = {scheme["format"] for scheme, _ in groups.values()}
         self.config = {
             "quant_method": "compressed-tensors", "version": COMPRESSED_TENSORS_VERSION,
@@ -573,6 +615,20 @@ class _Layer:
     conv1d: bool
 
 
+@dataclass
+class _Experts:
+    """A quantized experts layer, written as one linear per expert and projection."""
+
+    layer: FusedMoE
+    names: Dict[Tuple[str, int, int], str]  # (stack, expert, first row) -> checkpoint module name
+
+    def sites(self, path: str) -> Iterator[_Site]:
+        part = {"w13": self.layer.intermediate_size_per_partition, "w2": self.layer.hidden_size}
+        for (which, expert, first), name in self.names.items():
+            q = read_expert(self.layer, which, expert, path)
+            yield _Site(name, q.rows(first, first + part[which]), expert=True)
+
+
 def _shards(layer: _Layer, q: Optional[Quantized]) -> Iterator[Tuple[str, Optional[Quantized], int, int]]:
     """(checkpoint name, its rows of ``q``, first row, end row) for each logical weight of the layer."""
     start = 0
@@ -592,6 +648,9 @@ class _Export:
         floats = list(floats)
         sites = []
         for path, entry in layers.items():
+            if isinstance(entry, _Experts):
+                sites.extend(entry.sites(path))
+                continue
             q = read_layer(entry.layer, path)
             for name, part, _, _ in _shards(entry, q):
                 if part is None:
@@ -605,6 +664,11 @@ class _Export:
 
     def tensors(self, path: str) -> Iterator[Tuple[str, torch.Tensor]]:
         entry = self.layers[path]
+        if isinstance(entry, _Experts):
+            for site in entry.sites(path):
+                for key, tensor in self.writer.tensors(site).items():
+                    yield f"{site.name}.{key}", _cpu(tensor)
+            return
         layer = entry.layer
         q = read_layer(layer, path)
         bias = layer.bias.data if layer.bias is not None else None
@@ -675,22 +739,18 @@ def save_quantized(
     max_bytes = parse_size(max_shard_size)
     merged = {key: list(value) for key, value in (merged_layers or {}).items()}
     modules = dict(model.named_modules())
-    experts = [name for name, m in modules.items() if hasattr(m, "quant_method") and hasattr(m, "num_experts")]
-    if experts:
-        raise NotImplementedError(
-            f"save_quantized does not write quantized MoE experts yet ({len(experts)} layers, e.g. {experts[0]}); "
-            f"to save this model, quantize it with skip=['lm_head', '*.experts'] (its experts then stay float)"
-        )
     unknown = sorted(name for name in merged if not isinstance(modules.get(name), LinearBase))
     if unknown:
         raise ValueError(
             f"merged_layers names {unknown}, which are not pymllm_fx linear layers of this model; use the paths "
             f"of its merged layers (MergedColumnParallelLinear / QKVParallelLinear)"
         )
-    layers: Dict[str, _Layer] = {}
+    layers: Dict[str, Union[_Layer, _Experts]] = {}
     floats: List[str] = []
     for name, module in modules.items():
-        if isinstance(module, LinearBase):
+        if isinstance(module, FusedMoE):
+            layers[name] = _Experts(module, _expert_names(model, name, module))
+        elif isinstance(module, LinearBase):
             names = merged.get(name, [name])
             _check_layer(name, module, names)
             layers[name] = _Layer(module, names, module.checkpoint_transposed)
@@ -716,6 +776,24 @@ def save_quantized(
         _write_shards(out, _model_tensors(model, layers, export, bar), max_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n")
     return out
+
+
+def _expert_names(model: nn.Module, path: str, layer: FusedMoE) -> Dict[Tuple[str, int, int], str]:
+    """Each expert projection's checkpoint name, as transformers saves the float model; refuses
+    experts it cannot write one linear per expert for."""
+    fix = "quantize it with skip=['lm_head', '*.experts'] to save it (its experts then stay float)"
+    if layer.tp_size != 1:
+        raise ValueError(f"{path}: this experts layer holds tensor-parallel rank {layer.tp_rank} of {layer.tp_size}, "
+                         f"not the whole experts; export from a model built with tp_size=1")
+    if layer.w13_bias is not None or layer.w2_bias is not None:
+        raise ValueError(f"{path}: the checkpoint formats store experts as one linear per expert, but these experts "
+                         f"have stacked biases, which such checkpoints do not hold; {fix}")
+    names = expert_checkpoint_names(model, path, layer.num_experts, layer.has_gate, layer.intermediate_size_per_partition)
+    if not names:
+        raise ValueError(f"{path}: transformers' rules for {type(model).__name__} keep these experts stacked in "
+                         f"checkpoints (no per-expert names), and the quantized formats store one linear per expert "
+                         f"and projection; {fix}")
+    return names
 
 
 def _model_tensors(model: nn.Module, layers: Dict[str, _Layer], export: _Export, bar) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -183,3 +183,40 @@ def _expert_target(name: str, path: str, leaf: str, param_name: str, layer, modu
         def cut(t: torch.Tensor) -> torch.Tensor:  # (intermediate, hidden): this rank's rows
             return t.chunk(size, dim=0)[rank] if size > 1 else t
     return LoadTarget(param, shard_id=slot, transform=cut, owner=path, numel=param[0].numel() // len(sources))
+
+
+def expert_checkpoint_names(model: nn.Module, path: str, num_experts: int, has_gate: bool,
+                            intermediate: int) -> Dict[Tuple[str, int, int], str]:
+    """Where each expert projection of the experts module at ``path`` goes in a checkpoint, as
+    transformers' ``save_pretrained`` writes the float model (its conversion rules reversed):
+    ``(stack "w13" or "w2", expert, first row of the stack) -> module name`` (``...experts.3.w1``,
+    ``...experts.3.gate_proj``), each one the loader maps back to those rows. Empty when transformers
+    keeps these experts stacked in checkpoints (no per-expert names)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers before 5: no stacked experts to revert
+        return {}
+    roles = 2 if has_gate else 1
+    first = "gate_up_proj" if has_gate else "up_proj"
+    # Stand-ins of one value per (expert, projection): where each value lands names that projection.
+    stand_ins = {f"{path}.{first}": torch.arange(num_experts * roles, dtype=torch.float32).view(num_experts, roles, 1),
+                 f"{path}.down_proj": torch.arange(num_experts, dtype=torch.float32).view(num_experts, 1, 1)
+                 + num_experts * roles}
+    try:
+        reverted = revert_weight_conversion(model, stand_ins)
+    except Exception:  # noqa: BLE001  (rules transformers cannot reverse for this model)
+        return {}
+    out: Dict[Tuple[str, int, int], str] = {}
+    for name, value in reverted.items():
+        if not name.endswith(".weight") or value.numel() != 1:
+            return {}  # kept stacked, or split in a way that is not one projection per expert
+        index = int(value.reshape(()).item())
+        if index < num_experts * roles:
+            key = ("w13", index // roles, index % roles * intermediate)
+            stack = f"{path}.{first}"
+        else:
+            key, stack = ("w2", index - num_experts * roles, 0), f"{path}.down_proj"
+        if model_names(model, [name]) != [stack]:
+            return {}
+        out[key] = name[: -len(".weight")]
+    return out if len(out) == num_experts * (roles + 1) else {}

@@ -155,13 +155,14 @@ def test_cast_keeps_codes_and_moves_scales():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
-def test_save_quantized_refuses_quantized_experts_and_names_the_way_out(tmp_path):
-    model, _ = tiny_moe("mixtral")
+def test_save_quantized_refuses_experts_checkpoints_keep_stacked_and_names_the_way_out(tmp_path):
+    """gpt-oss checkpoints keep experts stacked (with biases): no per-expert linears to write them as."""
+    model, _ = tiny_moe("gpt_oss")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pymllm_fx.quantize(model, "int4", progress=False)
-    with pytest.raises(NotImplementedError, match=r"skip=\['lm_head', '\*.experts'\]"):
-        pymllm_fx.save_quantized(model, tmp_path / "out", "gptq")
+        pymllm_fx.quantize(model, "int8", progress=False)
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts: .*stacked biases.*skip=\['lm_head', '\*.experts'\]"):
+        pymllm_fx.save_quantized(model, tmp_path / "out", "compressed-tensors")
     assert not (tmp_path / "out").exists()
 
 

@@ -365,6 +365,65 @@ def test_fp8_block_experts_whose_gate_would_share_a_scale_row_with_up_are_refuse
         quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
 
 
+def same_experts(a, b) -> None:
+    """Every experts layer of ``b`` holds exactly the tensors of ``a``'s."""
+    layers = [(name, m) for name, m in a.named_modules() if isinstance(m, FusedMoE)]
+    assert layers
+    for name, layer in layers:
+        other = b.get_submodule(name)
+        mine, theirs = dict(layer.named_parameters(recurse=False)), dict(other.named_parameters(recurse=False))
+        assert mine.keys() == theirs.keys(), (name, sorted(mine), sorted(theirs))
+        for key, tensor in mine.items():
+            assert tensor.dtype == theirs[key].dtype and torch.equal(tensor, theirs[key]), f"{name}.{key}"
+
+
+ROUND_TRIPS = {  # experts quantized by quantize(method), saved as format; a tensor each expert projection has
+    "int4-awq": ({"quant_method": "int4", "group_size": 32}, "awq", "qweight"),
+    "int4-gptq-sym": ({"quant_method": "int4", "group_size": 32, "sym": True}, "gptq", "g_idx"),
+    "int4-gptq-asym": ({"quant_method": "int4", "group_size": 32}, "gptq", "qzeros"),
+    "int4-ct": ({"quant_method": "int4", "group_size": 32}, "compressed-tensors", "weight_zero_point"),
+    "int8-ct": ("int8", "compressed-tensors", "weight_packed"),
+    "fp8-ct": ("fp8", "compressed-tensors", "weight_scale"),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUND_TRIPS))
+def test_quantized_experts_save_per_expert_and_load_back_exactly(tmp_path, name):
+    method, fmt, tensor = ROUND_TRIPS[name]
+    model, _ = saved("mixtral", tmp_path)
+    quantized = quiet(pymllm_fx.quantize, model, method, progress=False)
+    out = pymllm_fx.save_quantized(quantized, tmp_path / "out", fmt, progress=False)
+    names = set(load_file(out / "model.safetensors"))
+    for proj in ("w1", "w3", "w2"):  # the names transformers saves the float experts under
+        assert f"model.layers.1.block_sparse_moe.experts.3.{proj}.{tensor}" in names
+    assert not any("experts.gate_up_proj" in n or "w13_" in n for n in names)
+    loaded = quiet(pymllm_fx.from_pretrained, out, device="cpu", progress=False)
+    same_experts(quantized, loaded)
+    with torch.no_grad():
+        assert rel_err(loaded(ids()).logits, quantized(ids()).logits) <= 1e-6
+
+
+@pytest.mark.parametrize("name,fmt", [("fp8-tensor", "fp8"), ("fp8-block", "fp8"), ("ct-fp8-block", "compressed-tensors")])
+def test_fp8_checkpoint_experts_save_and_load_back_exactly(tmp_path, name, fmt):
+    config, projection, _ = FP8_CHECKPOINTS[name]
+    _, path = fp8_expert_checkpoint(tmp_path, "qwen3_moe", config, projection)
+    loaded = quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+    out = pymllm_fx.save_quantized(loaded, tmp_path / "out", fmt, progress=False)
+    assert "model.layers.0.mlp.experts.2.up_proj.weight" in load_file(out / "model.safetensors")
+    again = quiet(pymllm_fx.from_pretrained, out, device="cpu", progress=False)
+    same_experts(loaded, again)
+    with torch.no_grad():
+        assert rel_err(again(ids()).logits, loaded(ids()).logits) <= 1e-6
+
+
+def test_saving_experts_a_format_cannot_load_back_is_refused_before_writing(tmp_path):
+    model, _ = saved("mixtral", tmp_path)
+    quantized = quiet(pymllm_fx.quantize, model, "int8", progress=False)
+    with pytest.raises(ValueError, match=r"block_sparse_moe\.experts\.0\.w[123]: cannot write an int8 per-channel layer as 'gptq': GPTQ experts"):
+        pymllm_fx.save_quantized(quantized, tmp_path / "out", "gptq", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failure_calibrating_experts_leaves_the_model_unchanged(tmp_path, monkeypatch):
     from pymllm_fx.methods.int8 import Int8MoEMethod
 
