@@ -367,7 +367,8 @@ class PackedIntMoEMethod(CheckpointMoEMethod):
         if not scheme.symmetric:
             zp = stacks["weight_zero_point"]  # (E, ceil(N / 8), G), packed along the outputs
             groups = zp.shape[2]
-            values = unpack_words(zp.transpose(1, 2).reshape(experts * groups, -1), 4, n)  # q + 8, i.e. zero + 8 - 8
+            # Stored as zero_point + 8, which is the runtime's zero point (its codes are q + 8 too).
+            values = unpack_words(zp.transpose(1, 2).reshape(experts * groups, -1), 4, n)
             zeros = values.view(experts, groups, n).transpose(1, 2).to(scales.dtype).contiguous()
         return {which + "_qweight": packed.contiguous(), which + "_scales": scales.contiguous(), which + "_zeros": zeros}
 
