@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pymllm_fx.calibration import calibration_sequences, gptq_calibrate, vocabulary_size
 from pymllm_fx.layers.fused_moe import (
     FusedMoE,
     expert_shape,
@@ -59,6 +60,7 @@ def quantize(
     strict: bool = False,
     fuse_siblings: bool = True,
     shard_init: Optional[Callable[[LinearSite, nn.Module], None]] = None,
+    calibration: Optional[Any] = None,
 ) -> nn.Module:
     """Quantize every linear layer of ``model`` in place and return it.
 
@@ -89,12 +91,18 @@ def quantize(
     before the next is built, so no whole float model is ever allocated. The model's other tensors
     (embeddings, norms, skipped layers) stay on meta for the caller to fill. Random-weight
     benchmarks of models larger than one device use it.
+    ``calibration``: for GPTQ (``{"quant_method": "int4", "gptq": True, "group_size": 128, "sym": True,
+    "desc_act": False}``), the calibration data: a list of token-id tensors (1-D, or 2-D with one
+    sequence per row) or ``(texts, tokenizer)``, one sequence per text. The model's decoder blocks
+    are calibrated one at a time, on a GPU when there is one (``calibration.py``); the model itself
+    changes only at the end, like any quantize.
     On any error the model is left exactly as it was.
     """
     _check_model(model)
     tp = tensor_parallel_position(process_group)
     skip = _normalize_skip(skip)
     quant_method = resolve(method)
+    sequences = _check_calibration(model, quant_method, calibration, weights, tp)
     if getattr(quant_method, "prequantized", False) and weights is None:
         raise ValueError(
             f"method {_name(quant_method)!r} loads an already-quantized checkpoint: pass "
@@ -141,6 +149,9 @@ def quantize(
     if weights is not None:
         headers = checkpoint_tensors(weights)  # read once: checked against the model here, loaded below
         _check_fits(model, dry, headers, weights, expert_plan)
+    if sequences is not None:  # GPTQ: every planned layer's codes first; the model is untouched until the swap
+        results = gptq_calibrate(model, plan, quant_method, sequences, device, progress)
+        quant_method = dataclasses.replace(quant_method, results=results)
     build = functools.partial(_build_layer, quant_method=quant_method, device=device, tp=tp)
     if weights is None:
         layers = _quantize_own_weights(model, plan, build, progress, shard_init)
@@ -168,6 +179,27 @@ def quantize(
     _warn_unswapped([site for site in sites if not site.swappable], still_float, model)
     mark_quantized(model, _name(quant_method))
     return model
+
+
+def _check_calibration(model: nn.Module, quant_method, calibration, weights, tp: "TensorParallel"):
+    """The calibration sequences a method that needs them gets (None for the others), checked
+    before anything else runs."""
+    needs = getattr(quant_method, "needs_calibration", False)
+    if not needs:
+        if calibration is not None:
+            raise ValueError(f"calibration= is used by GPTQ only ({{'quant_method': 'int4', 'gptq': True, ...}}); "
+                             f"{_name(quant_method)!r} calibrates from the weights alone: drop calibration= or ask for GPTQ")
+        return None
+    if calibration is None:
+        raise ValueError("GPTQ needs calibration data: pass calibration=[token-id tensors] or calibration=(texts, "
+                         "tokenizer), or use {'quant_method': 'int4'} without 'gptq' for calibration-free int4")
+    if weights is not None:
+        raise ValueError("GPTQ calibrates the float model in memory, not a checkpoint: load the model (transformers' "
+                         "from_pretrained), then call quantize(model, method, calibration=...) without weights=")
+    if tp.size > 1:
+        raise NotImplementedError("GPTQ calibration under tensor parallelism is not supported: calibrate in one process, "
+                                  "save_quantized(format='gptq'), then load with from_pretrained on every rank")
+    return calibration_sequences(calibration, vocabulary_size(model))
 
 
 def _plan_experts(model: nn.Module, matmul_params: List[LinearSite], quant_method, skip, tp: "TensorParallel",
@@ -251,6 +283,9 @@ def _check_shard_init(quant_method, weights, device, expert_plan: Dict[str, nn.M
                          f"checkpoint; use a method that calibrates (none, int8, int4, fp8)")
     if device is None or torch.device(device).type == "meta":
         raise ValueError("shard_init needs device= (where each layer's shard is made), not the meta device")
+    if getattr(quant_method, "needs_calibration", False):
+        raise ValueError("shard_init fills each layer as it is built, but GPTQ calibrates the whole float model's "
+                         "blocks first: build the model with its weights, or use calibration-free int4")
     if expert_plan:
         raise NotImplementedError(f"shard_init does not fill experts yet ({', '.join(list(expert_plan)[:3])}); "
                                   f"build the model with real weights instead")

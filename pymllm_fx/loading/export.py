@@ -143,8 +143,8 @@ def read_layer(layer: nn.Module, where: str = "") -> Optional[Quantized]:
     if isinstance(method, UnquantizedLinearMethod) or is_float_layer(layer):
         return None
     k = layer.input_size_per_partition
-    if isinstance(method, Int4LinearMethod):
-        return _read_int4(layer, where, method.group_size, method.group_size, per_row=False)
+    if isinstance(method, Int4LinearMethod):  # GPTQ-calibrated int4 may hold an act-order ``perm``
+        return _read_int4(layer, where, method.group_size, method.group_size, per_row=False, perm=getattr(layer, "perm", None))
     if isinstance(method, AWQLinearMethod):
         group = checkpoint_group(method.group_size, k)
         return _read_int4(layer, where, group, runtime_group(method.group_size), method.group_size == -1)

@@ -12,6 +12,7 @@ from pymllm_fx.methods.fp8 import Fp8LinearMethod
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod
 from pymllm_fx.methods.gptq import GPTQLinearMethod
 from pymllm_fx.methods.int4 import Int4LinearMethod
+from pymllm_fx.methods.int4_gptq import GPTQInt4LinearMethod
 from pymllm_fx.methods.int8 import Int8LinearMethod
 from pymllm_fx.methods.w8a8 import W8A8LinearMethod
 
@@ -62,7 +63,10 @@ def resolve(method: MethodSpec) -> LinearMethodBase:
                 f"quantization_config has no 'quant_method' key (got keys {sorted(method)}); "
                 f"expected one of {method_names()}"
             )
-        return _lookup(method["quant_method"]).from_config(dict(method))
+        cls = _lookup(method["quant_method"])
+        if cls is Int4LinearMethod and "gptq" in method:  # int4 rounded by GPTQ from calibration data
+            cls = GPTQInt4LinearMethod
+        return cls.from_config(dict(method))
     raise TypeError(
         f"method must be a name ({', '.join(method_names())}), a quantization_config dict or a "
         f"LinearMethodBase instance, got {type(method).__name__}"
