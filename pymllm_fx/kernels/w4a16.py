@@ -368,11 +368,13 @@ def _magic_codes(q, ASM: tl.constexpr):
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_qn, stride_sn,
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_om, stride_qn, stride_sn,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, TILES: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """``out (1, N) = x (1, K) @ W.T`` for K a multiple of 64 * TILES and GROUP a multiple of 64.
+    """``out (M, N) = x (M, K) @ W.T`` for K a multiple of 64 * TILES and GROUP a multiple of 64,
+    one activation row per program along the grid's second axis (M is a handful: the programs of
+    one weight block run together, so the rows after the first read it from L2).
 
     A step covers TILES tiles (64 * TILES features) of BLOCK_N rows; the threads lie along K and
     each holds several rows, so the activations it loads serve all of them. With PREFETCH the
@@ -383,6 +385,8 @@ def _w4a16_gemv_kernel(
     memory and ran 4-5x slower)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)
+    x_ptr += tl.program_id(1) * stride_xm
+    out_ptr += tl.program_id(1) * stride_om
     Q: tl.constexpr = TILES * 16
     offs_c = tl.arange(0, Q)
     q_ptrs = q_ptr.to(tl.pointer_type(tl.int16)) + rows[:, None] * stride_qn + offs_c[None, :]
@@ -535,6 +539,9 @@ def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
     return out.to(x2.dtype)
 
 
+GEMV_MAX_M = 1  # rows up to this take the GEMV, one program row per activation row
+
+
 def gemv_ok(k: int, group_size: int, dtype: torch.dtype) -> bool:
     """Whether the GEMV takes this shape: whole tiles, no group smaller than a tile, 16-bit
     activations (its magic-offset sums keep about 16 bits: plenty for a 16-bit output, not for
@@ -550,19 +557,19 @@ def gemv_config(n: int, k: int) -> dict:
 
 
 def w4a16_gemv(x2, qweight, scales, zeros, group_size, bias, config=None):
-    """``(1, K) -> (1, N)`` on the decode GEMV (``gemv_ok`` must hold)."""
+    """``(M, K) -> (M, N)`` on the decode GEMV (``gemv_ok`` must hold; M up to GEMV_MAX_M is its use)."""
     from torch.library import wrap_triton
 
-    k = x2.shape[1]
+    m, k = x2.shape
     n = qweight.shape[0]
     cfg = {"PREFETCH": False, **(config or gemv_config(n, k))}
     asm = cfg.pop("ASM", True) and not INTERPRET
     while k % (TILE * cfg["TILES"]):
         cfg["TILES"] //= 2
-    out = torch.empty((1, n), device=x2.device, dtype=x2.dtype)
-    wrap_triton(_w4a16_gemv_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+    out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    wrap_triton(_w4a16_gemv_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-        n, k, qweight.stride(0) * 2, scales.stride(0),
+        n, k, x2.stride(0), out.stride(0), qweight.stride(0) * 2, scales.stride(0),
         GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, ASM=asm, **cfg,
     )
     return out
@@ -591,7 +598,7 @@ def w4a16_triton(x, qweight, scales, zeros, group_size, bias):
     (K not in whole 64-feature tiles, group sizes that split a 16-feature quarter)."""
     x2 = as_rows(x)
     m, k = x2.shape
-    if m == 1 and gemv_ok(k, group_size, x2.dtype):
+    if m <= GEMV_MAX_M and gemv_ok(k, group_size, x2.dtype):
         out = w4a16_gemv(x2, qweight, scales, zeros, group_size, bias)
     elif fast_path_ok(k, group_size, x2.dtype) and m <= MMA_MAX_M:
         out = w4a16_mma(x2, qweight, scales, zeros, group_size, bias)
