@@ -539,7 +539,19 @@ def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
     return out.to(x2.dtype)
 
 
-GEMV_MAX_M = 1  # rows up to this take the GEMV, one program row per activation row
+# Rows up to GEMV_MAX_M take the GEMV (a program row each: the compute grows with M, the weight
+# bytes do not) below GEMV_ROWS_MAX_N outputs. H200, Llama-3-8B shapes, M = 2 against the tensor-core
+# kernel (us, bf16 cuBLAS in brackets): 4096x4096 10.9 vs 18.4 (13.3), 4096x6144 14.4 vs 28.8 (17.0),
+# 14336x4096 28.6 vs 34.9 (32.8), but 4096x28672 50.7 vs 36.7 (65.9), where the tensor-core
+# kernel splits K; at M = 3 the GEMV is ahead only at K = 4096, N <= 6144
+# (benchmarks/NOTES_w4a16.md, .probe/gemv_rows.py).
+GEMV_MAX_M = 2
+GEMV_ROWS_MAX_N = 16384
+
+
+def gemv_takes(m: int, n: int) -> bool:
+    """Whether ``m`` activation rows against ``n`` outputs go to the GEMV (given ``gemv_ok``)."""
+    return m == 1 or (m <= GEMV_MAX_M and n < GEMV_ROWS_MAX_N)
 
 
 def gemv_ok(k: int, group_size: int, dtype: torch.dtype) -> bool:
@@ -593,12 +605,13 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, dtype, block_n: int = 4
 
 
 def w4a16_triton(x, qweight, scales, zeros, group_size, bias):
-    """The GPU path of the op: the GEMV for one row, the tensor-core kernel up to MMA_MAX_M rows,
-    dequantize-then-cuBLAS past it, and the exact reference for shapes the kernels do not take
-    (K not in whole 64-feature tiles, group sizes that split a 16-feature quarter)."""
+    """The GPU path of the op: the GEMV for one or two rows (``gemv_takes``), the tensor-core
+    kernel up to MMA_MAX_M rows, dequantize-then-cuBLAS past it, and the exact reference for
+    shapes the kernels do not take (K not in whole 64-feature tiles, group sizes that split a
+    16-feature quarter)."""
     x2 = as_rows(x)
     m, k = x2.shape
-    if m <= GEMV_MAX_M and gemv_ok(k, group_size, x2.dtype):
+    if gemv_takes(m, qweight.shape[0]) and gemv_ok(k, group_size, x2.dtype):
         out = w4a16_gemv(x2, qweight, scales, zeros, group_size, bias)
     elif fast_path_ok(k, group_size, x2.dtype) and m <= MMA_MAX_M:
         out = w4a16_mma(x2, qweight, scales, zeros, group_size, bias)
