@@ -71,8 +71,10 @@ def checkpoint_targets(model: nn.Module, targets: Dict[str, LoadTarget], names: 
         path, _, leaf = new.rpartition(".")
         param_name = STACKED_NAMES.get(leaf)
         stem, _, suffix = name.rpartition(".")
-        if rules is not None and source is None and suffix != "weight" and (path not in experts or not param_name):
-            # a quantized projection (experts.3.w1.qweight): named as its ".weight" would be
+        if rules is not None and suffix != "weight" and (path not in experts or not param_name):
+            # a quantized projection (experts.3.w1.qweight): named as its ".weight" would be. In
+            # transformers 5.17 the source patterns are not anchored at the end (5.24's are), so
+            # ".weight_scale" matches ".weight" and renames to a stack that does not exist ("gate_up_proj_scale")
             base, base_source = rename(f"{stem}.weight", renamings, converters)
             base_path, _, base_leaf = base.rpartition(".")
             if base_source is not None and base_path in experts and base_leaf in STACKED_NAMES:

@@ -441,3 +441,47 @@ def test_a_failure_calibrating_experts_leaves_the_model_unchanged(tmp_path, monk
         quiet(pymllm_fx.quantize, other, "int8", weights=path, progress=False)
     assert not any(isinstance(m, FusedMoE) for m in other.modules())
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def unanchored_rules(real_rules):
+    """transformers 5.17's renaming, whose source patterns are not anchored at the end: a
+    quantized projection's ``gate_proj.weight_scale`` matches ``gate_proj.weight`` and is renamed to
+    ``gate_up_proj_scale``, a stack that no model has."""
+    def rules(model):
+        found = real_rules(model)
+        if found is None:
+            return None
+        rename, renamings, converters = found
+
+        def rename_unanchored(name, renamings, converters):
+            stem, _, suffix = name.rpartition(".")
+            if suffix.startswith("weight_"):
+                new, source = rename(f"{stem}.weight", renamings, converters)
+                if source is not None:
+                    return new + suffix[len("weight"):], source
+            return rename(name, renamings, converters)
+
+        return rename_unanchored, renamings, converters
+    return rules
+
+
+@pytest.mark.parametrize("fmt", ["ct-int4", "fp8-block"])
+def test_expert_checkpoints_load_under_unanchored_renaming(tmp_path, fmt, monkeypatch):
+    """The GPU machine's transformers (5.17) renamed experts' ``weight_scale``/``weight_packed`` onto
+    stacks that do not exist, and every compressed-tensors and fp8 expert checkpoint failed to load."""
+    from pymllm_fx.loading import renames
+
+    monkeypatch.setattr(renames, "_rules", unanchored_rules(renames._rules))
+    rename, renamings, converters = renames._rules(saved("qwen3_moe", tmp_path / "probe")[0])
+    assert rename("model.layers.0.mlp.experts.0.gate_proj.weight_scale", renamings, converters)[0].endswith("_proj_scale")
+    if fmt == "ct-int4":
+        method = {"quant_method": "int4", "group_size": 32, "sym": True}
+        model, path = expert_checkpoint(tmp_path, "qwen3_moe", "compressed-tensors", method, ct_int4_projection(32, True))
+        expected = quiet(pymllm_fx.quantize, model, method, progress=False)
+    else:
+        config, projection, _ = FP8_CHECKPOINTS[fmt]
+        expected, path = fp8_expert_checkpoint(tmp_path, "qwen3_moe", config, projection)
+    loaded = quiet(pymllm_fx.from_pretrained, path, device="cpu", progress=False)
+    assert len([m for m in loaded.modules() if isinstance(m, FusedMoE)]) == 2
+    with torch.no_grad():
+        assert rel_err(loaded(ids()).logits, expected(ids()).logits) <= 1e-5
