@@ -938,7 +938,10 @@ def graph_breaks(model, inputs) -> Dict[str, Any]:
 def fake_quantize(weight, method) -> "torch.Tensor":
     """Round-trip a ``(N, K)`` float weight through the method's documented scheme, in float:
     int8 symmetric per output channel; int4 per group of ``group_size`` inputs (a shorter tail
-    group last), asymmetric with the range widened to include 0, or symmetric."""
+    group last), asymmetric with the range widened to include 0, or symmetric: min/max for
+    ``rtn=True``; the default searches each group's scale, so its grid is taken from
+    ``quantize_int4`` (tested on its own in tests/methods/test_int4_search.py) and only the
+    dequantization is written here."""
     import torch
 
     w = weight.detach().float()
@@ -947,6 +950,13 @@ def fake_quantize(weight, method) -> "torch.Tensor":
     if name == "int8":
         s = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=tiny)
         return (torch.round(w / s).clamp(-127, 127) * s).to(weight.dtype)
+    if name == "int4" and not method.rtn:
+        from pymllm_fx.methods.int4 import quantize_int4
+
+        codes, scales, zeros = quantize_int4(weight.detach(), int(method.group_size), bool(method.sym))
+        group = torch.arange(w.shape[1], device=w.device) // int(method.group_size)
+        zero = 8.0 if zeros is None else zeros.float()[:, group]
+        return ((codes.float() - zero) * scales.float()[:, group]).to(weight.dtype)
     if name == "int4":
         group, sym = int(method.group_size), bool(getattr(method, "sym", False))
         out = torch.empty_like(w)

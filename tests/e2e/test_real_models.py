@@ -38,21 +38,25 @@ def smollm2():
 
 
 # Perplexity ratio to fp measured on the shipped text (830 tokens, windows of 512), torch 2.13 CPU:
-# int8 1.002, fp8 1.018, w8a8 1.038, int4 g64 asym 1.224, int4 g128 asym 1.268. SmolLM2 is small
-# and its weights are already on a Q4_1 (g32, float offset) grid, so a second 4-bit grid with
-# integer zero points costs more than on a larger fp16 model. Bounds: 3% for int8/fp8 (the
-# issue's), 5% for w8a8 (issue 18's: int8 activations per token, no smoothing), and the measured
-# int4 values plus a little for numeric noise.
+# int8 1.002, fp8 1.018, w8a8 1.038, int4 min/max RTN g64 asym 1.224, g128 asym 1.268; int4's
+# default (each group's scale searched) g32 1.221, g64 1.257, g128 1.275. SmolLM2 is small and its
+# weights are already on a Q4_1 (g32, float offset) grid, so a second 4-bit grid with integer zero
+# points costs more than on a larger fp16 model. Bounds: 3% for int8/fp8 (the issue's), 5% for w8a8
+# (issue 18's: int8 activations per token, no smoothing), and the measured int4 values plus a little
+# for numeric noise. Issue 16 asks <= 1.20 for the default at g128: not met (the search lowers the
+# KL to fp, below; perplexity over 830 tokens barely moves).
 @pytest.mark.parametrize(
     "method, bound",
     [
         ("int8", 1.03),
         ("fp8", 1.03),
         ("w8a8", 1.05),
-        (Int4LinearMethod(group_size=64), 1.25),
+        (Int4LinearMethod(group_size=64, rtn=True), 1.25),
+        (Int4LinearMethod(group_size=128, rtn=True), 1.30),
+        (Int4LinearMethod(group_size=32), 1.24),
         (Int4LinearMethod(group_size=128), 1.30),
     ],
-    ids=["int8", "fp8", "w8a8", "int4-g64", "int4-g128"],
+    ids=["int8", "fp8", "w8a8", "int4-rtn-g64", "int4-rtn-g128", "int4-g32", "int4-g128"],
 )
 def test_smollm2_perplexity(smollm2, method, bound):
     model, ids, fp_ppl = smollm2
@@ -91,6 +95,34 @@ def test_smollm2_gptq_perplexity(smollm2, calibration_windows):
     assert all("GPTQ act-order" in row.detail for row in report.rows if row.method != "-")
     ratio = perplexity(quantized, ids) / fp_ppl
     assert 0.97 < ratio <= 1.12, f"perplexity ratio {ratio:.4f} over the bound 1.12"
+
+
+@torch.no_grad()
+def mean_kl(reference, model, ids, window=512):
+    """Mean KL(reference || model) of the next-token distributions, in the windows perplexity uses."""
+    total, count = 0.0, 0
+    for start in range(0, ids.shape[1] - 1, window):
+        chunk = ids[:, start:start + window]
+        p = torch.log_softmax(reference(chunk, use_cache=False).logits.float()[0, :-1], -1)
+        q = torch.log_softmax(model(chunk, use_cache=False).logits.float()[0, :-1], -1)
+        total += (p.exp() * (p - q)).sum().item()
+        count += chunk.shape[1] - 1
+    return total / count
+
+
+# KL to fp on the shipped text, torch 2.13 CPU: g128 default 0.323 vs RTN 0.358; g32 0.237 vs
+# 0.294 (g64: 0.284 vs 0.287, too close to assert). On 4k tokens of other text (Python docs and a
+# license) the default is lower at every group size; perplexity over 830 tokens is too noisy to
+# show it (it moves by ±0.03 between grids of equal KL).
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_smollm2_int4_default_is_closer_to_fp_than_rtn(smollm2, group_size):
+    model, ids, _ = smollm2
+    kl = {}
+    for rtn in (False, True):
+        quantized = pymllm_fx.quantize(copy.deepcopy(model), Int4LinearMethod(group_size=group_size, rtn=rtn),
+                                       progress=False)
+        kl[rtn] = mean_kl(model, quantized, ids)
+    assert kl[False] < 0.95 * kl[True], f"KL to fp: default {kl[False]:.4f}, rtn {kl[True]:.4f}"
 
 
 def test_smollm2_tied_lm_head_is_skipped_with_reason(smollm2):

@@ -134,9 +134,10 @@ def test_runtime_parameters_replace_float_weight(method, params):
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("k, group_size", [(64, 32), (200, 64), (576, 128), (128, 128)])
 def test_quantize_int4_codes_and_zero_points(k, group_size, sym, dtype):
+    """Min/max round-to-nearest (``rtn=True``); the default's search: tests/methods/test_int4_search.py."""
     seed(k, group_size, sym, dtype)
     w = (torch.randn(24, k) * 0.05 + (0.02 if not sym else 0)).to(dtype)
-    codes, scales, zeros = quantize_int4(w, group_size, sym)
+    codes, scales, zeros = quantize_int4(w, group_size, sym, rtn=True)
     groups = -(-k // group_size)
     assert codes.shape == (24, k) and codes.dtype == torch.uint8
     assert int(codes.min()) >= 0 and int(codes.max()) <= 15
@@ -163,14 +164,15 @@ def test_quantize_int4_codes_and_zero_points(k, group_size, sym, dtype):
     torch.testing.assert_close(dequantize_int4(pack_int4(codes), scales.float(), None if sym else zeros.float(), group_size), deq)
 
 
+@pytest.mark.parametrize("rtn", [True, False], ids=["rtn", "search"])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("offset", [0.3, -0.3])
-def test_quantize_int4_groups_that_do_not_span_zero(offset, sym):
+def test_quantize_int4_groups_that_do_not_span_zero(offset, sym, rtn):
     """Groups whose weights are all positive (or all negative) must still round to the nearest
     level: the dequantized error stays within one step of the group's scale."""
     seed(offset, sym)
     w = torch.randn(8, 64) * 0.05 + offset
-    codes, scales, zeros = quantize_int4(w, 32, sym)
+    codes, scales, zeros = quantize_int4(w, 32, sym, rtn)
     deq = dequantize_int4(pack_int4(codes), scales, zeros, 32)
     step = scales.repeat_interleave(32, dim=1)
     assert ((deq - w).abs() <= step * (1 + 1e-5)).all(), f"max error {(deq - w).abs().max():.4f} vs step {scales.max():.4f}"
