@@ -53,13 +53,15 @@ transforms, kv-cache schemes) raises NotImplementedError naming it.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4, unpack_words
+from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4, pack_words, unpack_words
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import CheckpointMoEMethod, FusedMoEMethodBase
 from pymllm_fx.layers.parameter import (
     default_weight_loader,
@@ -71,7 +73,8 @@ from pymllm_fx.layers.parameter import (
     unaligned_output,
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
-from pymllm_fx.methods.common import check_dequantized_range, check_finite, config_pattern
+from pymllm_fx.loading.formats import Site, refuse
+from pymllm_fx.methods.common import check_dequantized_range, check_finite, config_pattern, exact_in, read_int4
 from pymllm_fx.methods.config_keys import COMPRESSED_TENSORS_KEYS, check_producer_keys
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, Fp8WeightOnlyLinearMethod, explain_errors
 from pymllm_fx.methods.gptq import _g_idx_loader
@@ -80,6 +83,9 @@ from pymllm_fx.methods.w8a8 import W8A8CheckpointLinearMethod
 
 # The w4a16 group size a "channel" scale is repeated over: exact, and a tile size the kernels have.
 CHANNEL_RUNTIME_GROUP = 128
+# The compressed-tensors release whose format the writer follows; compressed-tensors drops the key
+# when it loads a config.
+COMPRESSED_TENSORS_VERSION = "0.12.2"
 STRATEGIES = ("tensor", "channel", "group", "block", "token", "tensor_group", "attn_head")
 ARGS_KEYS = (
     "num_bits", "type", "symmetric", "group_size", "strategy", "block_structure", "dynamic", "actorder",
@@ -99,12 +105,6 @@ def unpack_from_int32(packed: torch.Tensor, bits: int, size: int, dim: int) -> t
     """Signed int32 values from words packed along ``dim`` (0 or 1), ``size`` of them along it."""
     values = unpack_words(packed if dim == 1 else packed.t(), bits, size) - (1 << (bits - 1))
     return values if dim == 1 else values.t()
-
-
-def exact_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype`` when that holds every value exactly (a bf16 model's own scales), else float32."""
-    narrow = t.to(dtype)
-    return narrow if torch.equal(narrow.float(), t.float()) else t.float()
 
 
 # --- pack-quantized int weights --------------------------------------------------------------
@@ -292,6 +292,15 @@ class PackedIntLinearMethod(LinearMethodBase):
 
     def experts_method(self) -> "PackedIntMoEMethod":
         return PackedIntMoEMethod(self)
+
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Quantized:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        if self.num_bits == 8:
+            return Quantized("int8", layer.qweight.data, layer.scales.data)
+        if self.strategy == "group":  # actorder "group": the runtime permutation gives back weight_g_idx
+            return read_int4(layer, where, self.group_size, self.group_size, per_row=False,
+                             perm=getattr(layer, "perm", None))
+        return read_int4(layer, where, layer.input_size_per_partition, CHANNEL_RUNTIME_GROUP, per_row=True)
 
     def describe(self, layer: torch.nn.Module) -> str:
         group = f"g{self.group_size}" if self.strategy == "group" else "per-channel"
@@ -506,6 +515,18 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         return layer.scheme.apply(layer, x, bias)
 
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Optional[Quantized]:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        scheme = layer.scheme  # the group's scheme answers, as it runs the layer
+        if isinstance(scheme, UnquantizedLinearMethod):
+            return None
+        view = getattr(scheme, "checkpoint_view", None)
+        if view is None:
+            raise ValueError(f"{where}: save_quantized does not know how to export layers quantized with "
+                             f"{type(scheme).__name__}; skip this layer when quantizing, or give the scheme a "
+                             f"checkpoint_view (pymllm_fx/layers/quantize_base.py)")
+        return view(layer, where)
+
     def describe(self, layer: torch.nn.Module) -> str:
         text = layer.scheme.describe(layer)
         return f"{layer.scheme_group}: {text}" if layer.scheme_group else text
@@ -557,6 +578,129 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
             if pattern.startswith("re:"):
                 config_pattern(cls.name, f"quantization_config {where} entry", pattern[3:])
         return cls(targets=targets, ignore=tuple(ignore))
+
+    # --- writing (the checkpoint-writer extension of quantize_base.py) ---
+    # llm-compressor (``compressors/quantized_compressors/pack_quantized.py`` ``pack_to_int32``,
+    # ``quantization/quant_config.py``, ``ModelCompressor.update_config``): int4 / int8 ``pack-quantized``
+    # (group or channel), W8A8 int8 ``int-quantized`` (``weight`` int8, ``weight_scale``, static
+    # ``input_scale`` / ``input_zero_point``) and fp8 ``float-quantized`` (tensor, channel or block weight
+    # scales; dynamic per-token / per-tensor / per-group or static activations). One config group per
+    # distinct scheme, targets ``["Linear"]`` when there is a single scheme (and no GPT-2 ``Conv1D``,
+    # whose class is not "Linear"), else the module names.
+
+    @classmethod
+    def checkpoint_config(cls, sites: List[Site], floats: List[str]) -> dict:
+        """llm-compressor's ``quantization_config``: one config group per distinct scheme."""
+        fmt = cls.name
+        groups: Dict[str, Tuple[dict, List[str]]] = {}
+        for site in sites:
+            scheme = _written_scheme(site)
+            groups.setdefault(json.dumps(scheme, sort_keys=True), (scheme, []))[1].append(site.name)
+        by_name = len(groups) > 1 or any(site.conv1d for site in sites)
+        experts = {site.name for site in sites if site.expert}
+        with_experts = [i for i, (_, names) in enumerate(groups.values()) if experts & set(names)]
+        if len(with_experts) > 1:
+            raise ValueError(f"cannot write {fmt!r}: its readers give every expert the scheme of the group that "
+                             f"targets 'Linear', but these experts have {len(with_experts)} schemes; use format='gptq' "
+                             f"or 'awq'")
+        config_groups = {}
+        for i, (scheme, names) in enumerate(groups.values()):
+            # Experts are matched by class ("Linear"), the other layers by name when there are several schemes.
+            targets = [name for name in names if name not in experts] + (["Linear"] if i in with_experts else [])
+            config_groups[f"group_{i}"] = {**scheme, "targets": targets if by_name else ["Linear"]}
+        formats = {scheme["format"] for scheme, _ in groups.values()}
+        return {
+            "quant_method": "compressed-tensors", "version": COMPRESSED_TENSORS_VERSION,
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": config_groups, "ignore": list(floats),
+            "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
+        }
+
+    @staticmethod
+    def checkpoint_tensors(site: Site, config: dict) -> Dict[str, torch.Tensor]:
+        """``pack-quantized`` (``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_shape``),
+        ``int-quantized`` or ``float-quantized`` (``weight``, ``weight_scale``, ``input_scale``)."""
+        q, n, k = site.q, site.n, site.k
+        if q.kind == "fp8":
+            out = {"weight": q.weight.t() if site.conv1d else q.weight}
+            tensor = q.weight_strategy == "tensor" and site.per_tensor
+            if q.block_size is not None:
+                out["weight_scale"] = q.scales.float()
+            else:
+                out["weight_scale"] = q.scales.float()[:1] if tensor else q.scales.float().reshape(n, 1)
+            if q.input_scale is not None:
+                out["input_scale"] = q.input_scale.float().reshape(1)
+            return out
+        if q.kind == "w8a8":
+            tensor = q.weight_strategy == "tensor" and site.per_tensor
+            out = {"weight": q.weight.t() if site.conv1d else q.weight,
+                   "weight_scale": q.scales[:1] if tensor else q.scales.reshape(n, 1)}
+            if q.input_scale is not None:
+                out["input_scale"] = q.input_scale.reshape(1)
+            if q.input_zero_point is not None:
+                out["input_zero_point"] = q.input_zero_point.to(torch.int8).reshape(1)
+            return out
+        if q.kind == "int8":
+            packed, scale = pack_words(q.weight.to(torch.int32) + 128, 8), q.scales.reshape(n, 1)
+        else:
+            packed, scale = pack_words(q.weight, 4), q.scales  # the stored value q + 8 is the runtime code
+        out = {"weight_packed": packed, "weight_scale": scale}
+        if q.kind == "int4" and q.zeros is not None:  # zero_point + 8, packed along the outputs
+            out["weight_zero_point"] = pack_words(q.zeros.t(), 4).t()
+        if q.kind == "int4" and q.g_idx is not None:
+            out["weight_g_idx"] = q.g_idx
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        return out
+
+
+def _written_scheme(site: Site) -> dict:
+    """The config group (less its targets) that holds ``site`` exactly; refuses a site none holds."""
+    q, fmt = site.q, CompressedTensorsLinearMethod.name
+    if q.kind == "int4":
+        if q.zeros is not None and q.group_size != -1 and site.k % q.group_size:
+            raise refuse(site, fmt, f"in_features={site.k} is not a multiple of group_size {q.group_size}, "
+                         f"and compressed-tensors sizes asymmetric zero points by whole groups", "use format='gptq'")
+        strategy = "channel" if q.group_size == -1 else "group"
+        weights = _ct_args(4, "int", q.zeros is None, strategy, None if strategy == "channel" else q.group_size)
+        if q.g_idx is not None:  # act-order: the group of each input in weight_g_idx
+            weights["actorder"] = "group"
+        return {"weights": weights, "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+    if q.kind == "int8":
+        weights = _ct_args(8, "int", True, "channel", None)
+        return {"weights": weights, "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+    if q.kind == "w8a8":  # the W8A8 preset (dynamic) or its static variant
+        strategy = "tensor" if q.weight_strategy == "tensor" and site.per_tensor else "channel"
+        if q.activation == "static":
+            acts = _ct_args(8, "int", q.input_zero_point is None, "tensor", None, dynamic=False)
+            if q.input_zero_point is not None:
+                acts["zp_dtype"] = "torch.int8"  # what compressed-tensors serializes for asymmetric int8
+        else:
+            acts = _ct_args(8, "int", True, "token", None, dynamic=True)
+        return {"weights": _ct_args(8, "int", True, strategy, None), "input_activations": acts,
+                "output_activations": None, "format": "int-quantized"}
+    if q.block_size is not None:  # the FP8_BLOCK scheme
+        weights = {**_ct_args(8, "float", True, "block", None), "block_structure": list(q.block_size)}
+        acts = _ct_args(8, "float", True, "group", q.block_size[1], dynamic=True)
+        return {"weights": weights, "input_activations": acts, "output_activations": None, "format": "float-quantized"}
+    strategy = "tensor" if q.weight_strategy == "tensor" and site.per_tensor else "channel"
+    if q.activation == "none":  # fp8 weight-only
+        return {"weights": _ct_args(8, "float", True, strategy, None), "input_activations": None,
+                "output_activations": None, "format": "float-quantized"}
+    if q.activation == "static":
+        acts = _ct_args(8, "float", True, "tensor", None, dynamic=False)
+    else:
+        acts = _ct_args(8, "float", True, q.activation, None, dynamic=True)
+    return {"weights": _ct_args(8, "float", True, strategy, None), "input_activations": acts,
+            "output_activations": None, "format": "float-quantized"}
+
+
+def _ct_args(bits: int, kind: str, symmetric: bool, strategy: str, group_size: Optional[int], dynamic: bool = False) -> dict:
+    """compressed-tensors ``QuantizationArgs`` as ``model_dump`` writes them."""
+    return {
+        "num_bits": bits, "type": kind, "symmetric": symmetric, "group_size": group_size, "strategy": strategy,
+        "block_structure": None, "dynamic": dynamic, "actorder": None,
+        "observer": None if dynamic else "minmax", "observer_kwargs": {},
+    }
 
 
 # --- config parsing -------------------------------------------------------------------------------
