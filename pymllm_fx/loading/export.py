@@ -210,7 +210,8 @@ def save_quantized(
 ) -> Path:
     """Write a model quantized by ``pymllm_fx.quantize`` to the directory ``path``, as a ``format`` checkpoint.
 
-    ``format``: ``"awq"``, ``"gptq"``, ``"compressed-tensors"`` or ``"fp8"``. Writes ``config.json``
+    ``format``: ``"awq"``, ``"gptq"``, ``"compressed-tensors"``, ``"fp8"``, or one added with
+    ``loading.formats.register_format``. Writes ``config.json``
     (the model's HF config with the format's ``quantization_config``) and ``model.safetensors``, or
     ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_size`` (bytes, or "5GB",
     "500MiB", ...) with ``model.safetensors.index.json``. ``merged_layers`` maps a merged layer's

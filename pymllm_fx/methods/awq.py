@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4, pack_words
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import CheckpointMoEMethod
 from pymllm_fx.layers.parameter import rank_share, register_param, replace_parameters, unaligned_output
 from pymllm_fx.layers.quantize_base import LinearMethodBase

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4, pack_words
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import FusedMoEMethodBase, create_float_experts, expert_chunks, run_int4_experts
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
