@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from pymllm_fx.layers.linear import is_conv1d, is_linear_module  # noqa: F401  (re-exported by passes)
 from pymllm_fx.passes.capture import CaptureError, capture
 
 aten = torch.ops.aten
@@ -53,15 +54,6 @@ class LinearSite:
     head_dim: Optional[int] = None  # when the output is viewed as heads right away (q/k/v)
     param: str = ""  # for a matmul weight outside any nn.Linear: its parameter's name
     experts: int = 0  # for a stacked 3-D weight multiplied one expert slice at a time: how many slices
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """HF's ``Conv1D`` (GPT-2): a linear with its weight stored transposed, ``(in, out)``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def is_linear_module(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _site_for_module(path: str, module: nn.Module, aliases: Dict[int, List[str]]) -> LinearSite:

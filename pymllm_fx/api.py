@@ -37,6 +37,7 @@ from pymllm_fx.loading.loader import check_headers
 from pymllm_fx.loading.renames import checkpoint_targets, model_names
 from pymllm_fx.loading.export import save_quantized  # noqa: F401  (public, re-exported here)
 from pymllm_fx.loading.hf import build_on_meta, mark_quantized, materialize_buffers, read_config
+# Importing the methods package also registers the checkpoint formats save_quantized writes.
 from pymllm_fx.methods.registry import MethodSpec, resolve, resolve_checkpoint
 from pymllm_fx.passes import LinearSite, find_linears, swap_linears
 from pymllm_fx.passes.siblings import fuse_sibling_storage

@@ -26,7 +26,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from pymllm_fx.kernels.w4a16 import unpack_words
 from pymllm_fx.layers.all_reduce import AllReduce, all_reduce
+from pymllm_fx.layers.checkpoint_view import Quantized, zero_points
 from pymllm_fx.layers.parameter import holds_values, load_expert, register_param, replace_parameters, set_weight_attrs
 from pymllm_fx.layers.quantize_base import QuantizeMethodBase
 
@@ -62,6 +64,22 @@ class FusedMoEMethodBase(QuantizeMethodBase):
 
     def describe(self, layer: nn.Module) -> str:
         return ""
+
+    def checkpoint_expert_view(self, layer: nn.Module, which: str, expert: int, where: str = "") -> Quantized:
+        """One expert's ``which`` ("w13": gate and up rows, "w2": down) in checkpoint terms (the
+        optional save hook of ``quantize_base.py``). The experts layouts keep the checkpoint's groups
+        (int4) and scales (8-bit), so the stacks are read as they are; a method whose checkpoint
+        says more (fp8 block or per-tensor scales) overrides this."""
+        where = where or layer.prefix or "experts"
+        qweight = getattr(layer, which + "_qweight").data[expert]
+        scales = getattr(layer, which + "_scales").data[expert]
+        if qweight.dtype == torch.int32:  # the int4 experts layout: codes packed along K, plain order
+            zeros = getattr(layer, which + "_zeros")
+            zeros = None if zeros is None else zero_points(zeros.data[expert], where, which + "_zeros")
+            return Quantized("int4", unpack_words(qweight, 4), scales, zeros, self.group_size)  # -1: one group per row
+        if qweight.dtype == torch.int8:
+            return Quantized("int8", qweight, scales)
+        return Quantized("fp8", qweight, scales)
 
 
 def experts_contract(module: nn.Module) -> Optional[str]:

@@ -21,6 +21,16 @@ from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMe
 from pymllm_fx.layers.siblings import fuse_again_after_move
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """HF's ``Conv1D`` (GPT-2): a linear with its weight stored transposed, ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_linear_module(module: nn.Module) -> bool:
+    """A float linear a model may hold: what quantize replaces and save_quantized lists as left float."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def _divide(numerator: int, denominator: int, what: str, prefix: str) -> int:
     if numerator % denominator:
         raise ValueError(

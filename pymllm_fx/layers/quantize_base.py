@@ -9,17 +9,33 @@ This is the seed specification (vLLM / sglang's LinearMethodBase design), kept n
 4. In ``forward`` the layer calls ``quant_method.apply(layer, x, bias)`` instead of ``F.linear``.
 5. After loading, a ModelRunner-style loop calls ``process_weights_after_loading(layer)`` on every
    module that has a ``quant_method``: repacking, transposing, calibration, clean-up.
+
+Extensions (optional, not part of the seed; nothing calls them unless a method defines them):
+
+- Saving, on a runtime method: ``checkpoint_view(layer, where) -> Quantized | None`` says what one
+  of its layers is in checkpoint terms (``layers/checkpoint_view.py``; None: the layer is float),
+  and an experts method's ``checkpoint_expert_view(layer, which, expert, where) -> Quantized`` says
+  it of one expert's projection. ``save_quantized`` refuses a layer whose method has no view.
+- Writing a format, on the method that reads it: ``checkpoint_config(sites, floats) -> dict`` (the
+  ``quantization_config`` for these sites, refusing any it cannot hold exactly) and
+  ``checkpoint_tensors(site, config) -> {name: tensor}`` (one site's tensors), registered with
+  ``loading.formats.register_format``. :class:`CheckpointView` and :class:`CheckpointWriter` spell
+  out both shapes; they are protocols, so no method has to inherit them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from pymllm_fx.layers.parameter import create_float_weight
+
+if TYPE_CHECKING:  # the extensions' types; importing them at run time would be a cycle
+    from pymllm_fx.layers.checkpoint_view import Quantized
+    from pymllm_fx.loading.formats import Site
 
 
 class QuantizeMethodBase(ABC):
@@ -92,3 +108,27 @@ class UnquantizedLinearMethod(LinearMethodBase):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
+
+
+
+# --- extensions (optional; see the module docstring) ---------------------------------------------
+
+
+class CheckpointView(Protocol):
+    """A runtime method that can say what its layers are in checkpoint terms, so they can be saved."""
+
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Optional["Quantized"]:
+        """The layer's weight in checkpoint terms, or None if the layer is float."""
+        ...
+
+
+class CheckpointWriter(Protocol):
+    """A checkpoint format's writer: the method that reads the format, used as a class."""
+
+    def checkpoint_config(self, sites: List["Site"], floats: List[str]) -> dict:
+        """The ``quantization_config`` for ``sites``; raises ValueError for a site it cannot hold exactly."""
+        ...
+
+    def checkpoint_tensors(self, site: "Site", config: dict) -> Dict[str, torch.Tensor]:
+        """One site's tensors, named under the site's module name (``qweight``, ``weight_scale``, ...)."""
+        ...

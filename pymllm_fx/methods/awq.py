@@ -24,14 +24,16 @@ layout (``kernels/w4a16.py``) and deletes the checkpoint tensors; ``apply`` runs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4, pack_words
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import CheckpointMoEMethod
 from pymllm_fx.layers.parameter import rank_share, register_param, replace_parameters, unaligned_output
 from pymllm_fx.layers.quantize_base import LinearMethodBase
+from pymllm_fx.loading.formats import Site, one_value, refuse
 from pymllm_fx.methods.common import (
     check_dequantized_range,
     config_bool,
@@ -43,6 +45,7 @@ from pymllm_fx.methods.common import (
     float_linear,
     is_float_layer,
     make_float_layer,
+    read_int4,
     runtime_group,
     supported_group_size,
 )
@@ -199,6 +202,11 @@ class AWQLinearMethod(LinearMethodBase):
     def experts_method(self) -> "AWQMoEMethod":
         return AWQMoEMethod(self)
 
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Quantized:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        group = checkpoint_group(self.group_size, layer.input_size_per_partition)
+        return read_int4(layer, where, group, runtime_group(self.group_size), self.group_size == -1)
+
     def describe(self, layer: torch.nn.Module) -> str:
         if is_float_layer(layer):
             return "unquantized (AWQ modules_to_not_convert)"
@@ -231,6 +239,57 @@ class AWQLinearMethod(LinearMethodBase):
             version=config_str(cls.name, {"version": version}, "version", "gemm"),
             modules_to_not_convert=config_names(cls.name, config, "modules_to_not_convert"),
         )
+
+    # --- writing (the checkpoint-writer extension of quantize_base.py) ---
+    # AutoAWQ GEMM, as ``awq/modules/linear/gemm.py`` packs it and ``to_transformers_dict`` configures
+    # it: 4-bit, one group_size dividing every layer's inputs, no act-order. ``zero_point`` is always
+    # true: AutoAWQ's GEMM layout always carries ``qzeros`` (its symmetric mode cannot even be packed),
+    # so symmetric layers are written with zero points 8, which is exact.
+
+    @classmethod
+    def checkpoint_config(cls, sites: List[Site], floats: List[str]) -> dict:
+        """AutoAWQ's ``quantization_config``; refuses what AutoAWQ GEMM cannot hold exactly."""
+        fmt = cls.name
+        for site in sites:
+            q = site.q
+            if q.kind != "int4":
+                fix = {"int8": "use format='gptq' (8-bit per-channel) or 'compressed-tensors'",
+                       "w8a8": "use format='compressed-tensors'"}.get(q.kind, "use format='compressed-tensors' or 'fp8'")
+                raise refuse(site, fmt, "AutoAWQ GEMM checkpoints hold 4-bit weights only", fix)
+            if q.g_idx is not None:
+                raise refuse(site, fmt, "AWQ has no g_idx to record the act-order input permutation", "use format='gptq'")
+            if site.k % site.group:
+                raise refuse(site, fmt, f"in_features={site.k} is not a multiple of group_size {site.group} (a tail "
+                             f"group), which AutoAWQ requires", "use format='gptq' or 'compressed-tensors'")
+            if site.n % 8:
+                raise refuse(site, fmt, f"out_features={site.n} is not a multiple of 8 (qzeros packs 8 outputs "
+                             f"per int32)", "use format='compressed-tensors'")
+        group = one_value(sites, lambda s: s.q.group_size, fmt, "group_size",
+                          "use format='compressed-tensors', which has one config group per scheme")
+        for skipped in floats:  # transformers and vLLM match modules_to_not_convert as substrings
+            hit = next((s.name for s in sites if skipped in s.name), None)
+            if hit is not None:
+                raise ValueError(
+                    f"{skipped}: cannot write 'awq': this float layer must be listed in modules_to_not_convert, "
+                    f"which loaders match as a substring, and it would also leave the quantized {hit} in float; "
+                    f"use format='compressed-tensors'"
+                )
+        return {
+            "quant_method": "awq", "zero_point": True, "group_size": -1 if group is None else group, "bits": 4,
+            "version": "gemm", "modules_to_not_convert": list(floats) or None,
+        }
+
+    @staticmethod
+    def checkpoint_tensors(site: Site, config: dict) -> Dict[str, torch.Tensor]:
+        """``qweight`` (K, N/8) and ``qzeros`` (K/g, N/8) packed along N in AWQ_ORDER, ``scales`` (K/g, N)."""
+        q = site.q
+        zeros = q.zeros if q.zeros is not None else torch.full_like(q.scales, SYMMETRIC_ZERO, dtype=torch.int32)
+
+        def awq_pack(values: torch.Tensor) -> torch.Tensor:  # (R, C) -> (R, C/8), nibble i = column AWQ_ORDER[i]
+            rows, cols = values.shape
+            return pack_words(values.reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)].reshape(rows, cols), 4)
+
+        return {"qweight": awq_pack(q.weight.t()), "qzeros": awq_pack(zeros.t()), "scales": q.scales.t()}
 
 
 @dataclass

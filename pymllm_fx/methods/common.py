@@ -8,7 +8,8 @@ from typing import Any, Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from pymllm_fx.kernels.w4a16 import num_groups
+from pymllm_fx.kernels.w4a16 import num_groups, unpack_int4
+from pymllm_fx.layers.checkpoint_view import Quantized, zero_points
 from pymllm_fx.layers.parameter import create_float_weight
 
 
@@ -134,6 +135,12 @@ def expand_groups(t: torch.Tensor, group_size: int, runtime_group: int, k: int) 
     return t.index_select(1, starts // group_size).contiguous()
 
 
+def exact_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` when that holds every value exactly (a bf16 model's own scales), else float32."""
+    narrow = t.to(dtype)
+    return narrow if torch.equal(narrow.float(), t.float()) else t.float()
+
+
 def is_float_layer(layer: torch.nn.Module) -> bool:
     """A layer its checkpoint left unquantized (AWQ ``modules_to_not_convert``, GPTQ ``dynamic``
     skip rules): it holds a plain float ``weight`` instead of packed codes."""
@@ -149,3 +156,36 @@ def make_float_layer(layer: torch.nn.Module, input_size_per_partition: int, outp
 
 def float_linear(layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return F.linear(x, layer.weight, bias)
+
+
+def read_int4(layer: torch.nn.Module, where: str, group: int, runtime: int, per_row: bool,
+              perm: Optional[torch.Tensor] = None) -> Quantized:
+    """W4A16 runtime tensors -> codes in checkpoint order, one scale / zero per checkpoint group
+    (the ``checkpoint_view`` of every int4 method)."""
+    k = layer.input_size_per_partition
+    codes = unpack_int4(layer.qweight.data, k).to(torch.int32)
+    scales = _collapse(layer.scales.data, group, runtime, k, where, "scales")
+    zeros = None
+    if layer.zeros is not None:
+        zeros = zero_points(_collapse(layer.zeros.data, group, runtime, k, where, "zeros"), where, "zeros")
+    g_idx = None
+    if perm is not None:  # act-order: runtime column j is checkpoint column perm[j]
+        perm = perm.long()
+        codes = torch.empty_like(codes).index_copy_(1, perm, codes)
+        g_idx = torch.empty(k, dtype=torch.int32, device=perm.device)
+        g_idx[perm] = (torch.arange(k, device=perm.device) // group).to(torch.int32)
+    return Quantized("int4", codes, scales, zeros, -1 if per_row else group, g_idx)
+
+
+def _collapse(t: torch.Tensor, group: int, runtime: int, k: int, where: str, name: str) -> torch.Tensor:
+    """Runtime ``(N, ceil(K / runtime))`` -> one column per checkpoint group of ``group`` inputs."""
+    if group == runtime:
+        return t
+    starts = torch.arange(num_groups(k, group), device=t.device) * group
+    picked = t.index_select(1, starts // runtime)
+    if not torch.equal(expand_groups(picked, group, runtime, k), t):
+        raise ValueError(
+            f"{where}: tensor {name!r} changes inside a checkpoint group of {group} inputs, so it has no "
+            f"exact checkpoint form; the layer was not loaded by its own method"
+        )
+    return picked

@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX, quantize_fp8_per_channel
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import EightBitMoEMethod
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
@@ -74,6 +75,10 @@ class Fp8LinearMethod(LinearMethodBase):
 
     def experts_method(self) -> "Fp8MoEMethod":
         return Fp8MoEMethod()
+
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Quantized:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        return Quantized("fp8", layer.weight.data, layer.weight_scale.data, weight_strategy=self.weight_strategy)
 
     def describe(self, layer: torch.nn.Module) -> str:
         return f"W8A8 e4m3, per-{self.weight_strategy} weight, per-token act"

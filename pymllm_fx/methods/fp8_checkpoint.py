@@ -34,14 +34,15 @@ that are not multiples of the block.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from pymllm_fx.kernels.fp8_block import block_scale_shape, check_block_size
 from pymllm_fx.kernels.fp8_w8a8 import FP8_DTYPE, FP8_MAX
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import CheckpointMoEMethod
 from pymllm_fx.layers.parameter import (
     create_float_weight,
@@ -51,6 +52,7 @@ from pymllm_fx.layers.parameter import (
     replace_parameters,
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase
+from pymllm_fx.loading.formats import Site, one_value, refuse
 from pymllm_fx.methods.common import check_finite, config_names, config_str
 from pymllm_fx.methods.config_keys import FP8_KEYS, check_producer_keys
 
@@ -328,6 +330,22 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
     def experts_method(self) -> "Fp8CheckpointMoEMethod":
         return Fp8CheckpointMoEMethod(self)
 
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Optional[Quantized]:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        if layer.weight.dtype != FP8_DTYPE:
+            return None  # a layer the checkpoint left in float
+        if self.weight_strategy == "block":
+            return Quantized(
+                "fp8", layer.weight.data, getattr(layer, self.block_scale_name).data, activation="group",
+                weight_strategy="block", block_size=tuple(self.weight_block_size),
+            )
+        static = self.activation_scheme == "static"
+        return Quantized(
+            "fp8", layer.weight.data, layer.weight_scale.data, weight_strategy=self.weight_strategy,
+            activation="static" if static else self.activation_strategy,
+            input_scale=layer.input_scale.data.reshape(1) if static else None,
+        )
+
     def describe(self, layer: torch.nn.Module) -> str:
         if layer.weight.dtype != FP8_DTYPE:
             return "unquantized (ignored by the checkpoint)"
@@ -364,6 +382,59 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             weight_block_size=config.get("weight_block_size"),
             ignored_layers=ignored,
         )
+
+    # --- writing (the checkpoint-writer extension of quantize_base.py) ---
+    # vLLM's serialized fp8 as AutoFP8 writes it (``quant_method: "fp8"``, ``activation_scheme``,
+    # ``ignored_layers``; ``weight_scale`` and ``input_scale`` 0-dim float32): one weight scale per
+    # weight, so per-channel fp8 layers must go to compressed-tensors (or be quantized with
+    # ``{"quant_method": "fp8", "weight_strategy": "tensor"}``). Block-scaled layers are written
+    # DeepSeek-V3 style (``weight_block_size``, ``weight_scale_inv``). A dynamic fp8 checkpoint says
+    # nothing of the activation granularity: pymllm_fx reads it as per token (as it runs), vLLM
+    # quantizes activations per tensor; per-tensor dynamic layers go to compressed-tensors.
+
+    @classmethod
+    def checkpoint_config(cls, sites: List[Site], floats: List[str]) -> dict:
+        """AutoFP8's ``quantization_config``; refuses what one scale per weight cannot hold."""
+        fmt = "fp8"
+        for site in sites:
+            q = site.q
+            if q.kind != "fp8":
+                raise refuse(site, fmt, "the fp8 format holds e4m3 weights only",
+                             "use format='compressed-tensors'" if q.kind == "w8a8" else
+                             "use format='awq', 'gptq' or 'compressed-tensors'")
+            if q.block_size is not None:
+                continue
+            if not site.per_tensor:
+                raise refuse(site, fmt, "its rows have different scales and the fp8 format stores one "
+                             "weight_scale per weight", "use format='compressed-tensors' (float-quantized, strategy "
+                             "channel), or quantize with {'quant_method': 'fp8', 'weight_strategy': 'tensor'}")
+            if q.activation == "none":
+                raise refuse(site, fmt, "its activations stay in float, and an fp8 checkpoint quantizes them",
+                             "use format='compressed-tensors'")
+            if q.activation == "tensor":
+                raise refuse(site, fmt, "its activations are quantized per tensor at run time, and a dynamic "
+                             "fp8 checkpoint loads with per-token activation scales", "use format='compressed-tensors'")
+        scheme = one_value(sites, lambda s: "static" if s.q.activation == "static" else "dynamic", fmt,
+                           "activation_scheme", "use format='compressed-tensors', which has one config group per scheme")
+        block = one_value(sites, lambda s: s.q.block_size, fmt, "weight_block_size (or none)",
+                          "use format='compressed-tensors', which has one config group per scheme")
+        config = {"quant_method": "fp8", "activation_scheme": scheme or "dynamic", "ignored_layers": list(floats)}
+        if block is not None:
+            config["weight_block_size"] = list(block)
+        return config
+
+    @staticmethod
+    def checkpoint_tensors(site: Site, config: dict) -> Dict[str, torch.Tensor]:
+        """``weight`` e4m3, ``weight_scale`` and (static) ``input_scale`` 0-dim float32; with
+        ``weight_block_size``, ``weight_scale_inv`` one per block."""
+        q = site.q
+        weight = q.weight.t() if site.conv1d else q.weight
+        if q.block_size is not None:
+            return {"weight": weight, "weight_scale_inv": q.scales.float()}
+        out = {"weight": weight, "weight_scale": q.scales.float()[0].clone()}
+        if q.input_scale is not None:
+            out["input_scale"] = q.input_scale.float().reshape(())
+        return out
 
 
 @dataclass
@@ -416,6 +487,11 @@ class Fp8WeightOnlyLinearMethod(LinearMethodBase):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         return torch.ops.pymllm_fx.w8a16_linear(x, layer.qweight, layer.scales, bias)
+
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Quantized:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        return Quantized("fp8", layer.qweight.data, layer.scales.data, activation="none",
+                         weight_strategy=self.weight_strategy)
 
     def describe(self, layer: torch.nn.Module) -> str:
         return f"W8A16 e4m3 checkpoint, per-{self.weight_strategy} weight scale"
@@ -487,6 +563,15 @@ class Fp8CheckpointMoEMethod(CheckpointMoEMethod):
         elif self.linear.weight_strategy == "channel":
             scales = scales.reshape(weight.shape[0], weight.shape[1])
         return {which + "_qweight": weight.contiguous(), which + "_scales": scales.contiguous()}
+
+    def checkpoint_expert_view(self, layer: torch.nn.Module, which: str, expert: int, where: str = "") -> Quantized:
+        """As stored, with the checkpoint's weight strategy (block scales keep their blocks)."""
+        q = super().checkpoint_expert_view(layer, which, expert, where)
+        if q.kind != "fp8":
+            return q
+        if self.linear.weight_strategy == "block":
+            return replace(q, activation="group", weight_strategy="block", block_size=self.block)
+        return replace(q, weight_strategy=self.linear.weight_strategy)
 
     def describe(self, layer: torch.nn.Module) -> str:
         if self.linear.weight_strategy == "block":

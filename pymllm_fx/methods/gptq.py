@@ -31,11 +31,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import re
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from pymllm_fx.kernels.w4a16 import num_groups, pack_int4
+from pymllm_fx.kernels.w4a16 import SYMMETRIC_ZERO, num_groups, pack_int4, pack_words
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import CheckpointMoEMethod
 from pymllm_fx.layers.parameter import (
     default_weight_loader,
@@ -45,6 +46,7 @@ from pymllm_fx.layers.parameter import (
     unaligned_output,
 )
 from pymllm_fx.layers.quantize_base import LinearMethodBase
+from pymllm_fx.loading.formats import Site, one_value, refuse
 from pymllm_fx.methods.common import (
     check_dequantized_range,
     config_bool,
@@ -56,6 +58,7 @@ from pymllm_fx.methods.common import (
     float_linear,
     is_float_layer,
     make_float_layer,
+    read_int4,
     runtime_group,
     supported_group_size,
 )
@@ -296,6 +299,13 @@ class GPTQLinearMethod(LinearMethodBase):
     def experts_method(self) -> "GPTQMoEMethod":
         return GPTQMoEMethod(self)
 
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Quantized:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        if self.bits == 8:
+            return Quantized("int8", layer.qweight.data, layer.scales.data)
+        group = checkpoint_group(self.group_size, layer.input_size_per_partition)
+        return read_int4(layer, where, group, runtime_group(self.group_size), self.group_size == -1, layer.perm)
+
     def describe(self, layer: torch.nn.Module) -> str:
         if is_float_layer(layer):
             return "unquantized (a GPTQ dynamic skip rule)"
@@ -344,6 +354,80 @@ class GPTQLinearMethod(LinearMethodBase):
             static_groups=config_bool(cls.name, config, "static_groups", False),
             skip_patterns=tuple(str(key)[2:] for key in dynamic),
         )
+
+    # --- writing (the checkpoint-writer extension of quantize_base.py) ---
+    # GPTQModel / AutoGPTQ (``nn_modules/qlinear/__init__.py`` ``pack``, ``quantization/config.py``
+    # ``to_dict``): 4-bit (any group size, tail groups, act-order via ``g_idx``) or 8-bit per-channel
+    # symmetric (``int8`` layers), not both in one model. ``checkpoint_format`` is "gptq" (v1, zero
+    # points stored minus one) when every layer is symmetric, else "gptq_v2" (zero points as they are):
+    # a v1 zero point 0 wraps below zero, which per-value readers (vLLM) decode wrongly, and GPTQModel
+    # refuses v1 asymmetric checkpoints it did not write. Skipped linears other than ``lm_head`` are
+    # listed as GPTQModel ``dynamic`` "-:" (skip) rules.
+
+    @classmethod
+    def checkpoint_config(cls, sites: List[Site], floats: List[str]) -> dict:
+        """GPTQModel's ``quantization_config``; refuses what GPTQ cannot hold exactly."""
+        fmt = cls.name
+        for site in sites:
+            if site.q.kind == "fp8":
+                raise refuse(site, fmt, "GPTQ holds integer weights", "use format='compressed-tensors' or 'fp8'")
+            if site.q.kind == "w8a8":
+                raise refuse(site, fmt, "GPTQ holds weight-only layers and would drop the int8 activations",
+                             "use format='compressed-tensors'")
+            if site.expert and site.q.kind != "int4":
+                raise refuse(site, fmt, "GPTQ experts load back only as 4-bit", "use format='compressed-tensors'")
+        bits = one_value(sites, lambda s: 8 if s.q.kind == "int8" else 4, fmt, "bit width",
+                         "use format='compressed-tensors', which has one config group per scheme") or 4
+        f = 32 // bits
+        for site in sites:
+            if site.k % f or site.n % f:
+                raise refuse(site, fmt, f"{bits}-bit GPTQ packs {f} values per int32 along both the inputs "
+                             f"and the outputs, but the layer is [out={site.n}, in={site.k}]", "use format='compressed-tensors'")
+        if bits == 8:
+            group, sym = -1, True
+        else:
+            group = one_value(sites, lambda s: s.q.group_size, fmt, "group_size",
+                              "use format='compressed-tensors', which has one config group per scheme")
+            sym = all(site.q.zeros is None for site in sites)
+        config = {
+            "quant_method": "gptq", "bits": bits, "group_size": -1 if group is None else group,
+            "desc_act": any(site.q.g_idx is not None for site in sites), "sym": sym,
+            "lm_head": any(_is_lm_head(site.name) for site in sites),
+            "checkpoint_format": "gptq" if sym else "gptq_v2", "pack_dtype": "int32",
+        }
+        # GPTQ quantizes every linear but lm_head: the others left in float are GPTQModel / vLLM skip rules.
+        skip = {f"-:^{re.escape(name)}$": {} for name in floats if not _is_lm_head(name)}
+        if skip:
+            config["dynamic"] = skip
+        return config
+
+    @staticmethod
+    def checkpoint_tensors(site: Site, config: dict) -> Dict[str, torch.Tensor]:
+        """``qweight`` (K/f, N) packed along K, ``qzeros`` (G, N/f) along N, ``scales`` (G, N), ``g_idx``
+        (K,); f = 32 / bits."""
+        q, k, bits = site.q, site.k, config["bits"]
+        if q.kind == "int8":
+            codes = q.weight.to(torch.int32) + 128
+            zeros = torch.full((site.n, 1), 128, dtype=torch.int32, device=codes.device)
+            scales = q.scales.reshape(site.n, 1)
+            g_idx = torch.zeros(k, dtype=torch.int32)
+        else:
+            codes = q.weight
+            zeros = q.zeros if q.zeros is not None else torch.full_like(q.scales, SYMMETRIC_ZERO, dtype=torch.int32)
+            scales = q.scales
+            g_idx = q.g_idx if q.g_idx is not None else (torch.arange(k) // site.group).to(torch.int32)
+        if config["checkpoint_format"] == "gptq":
+            zeros = zeros - 1  # every zero point is at least 1 here (symmetric), so no word borrows
+        return {
+            "qweight": pack_words(codes, bits).t(),
+            "qzeros": pack_words(zeros.t(), bits),
+            "scales": scales.t(),
+            "g_idx": g_idx,
+        }
+
+
+def _is_lm_head(name: str) -> bool:
+    return name == "lm_head" or name.endswith(".lm_head")
 
 
 def _g_idx_loader(where: str, layer_loader):

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from pymllm_fx.kernels.w4a16 import PACK_FACTOR, SYMMETRIC_ZERO, num_groups, pack_int4, pack_words
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import FusedMoEMethodBase, create_float_experts, expert_chunks, run_int4_experts
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
-from pymllm_fx.methods.common import check_config_keys, check_finite, config_bool, config_int
+from pymllm_fx.methods.common import check_config_keys, check_finite, config_bool, config_int, read_int4
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -193,6 +194,11 @@ class Int4LinearMethod(LinearMethodBase):
 
     def experts_method(self) -> "Int4MoEMethod":
         return Int4MoEMethod(self.group_size, self.sym, self.rtn)
+
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Quantized:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        # GPTQ-calibrated int4 may hold an act-order ``perm``
+        return read_int4(layer, where, self.group_size, self.group_size, per_row=False, perm=getattr(layer, "perm", None))
 
     def describe(self, layer: torch.nn.Module) -> str:
         k = layer.input_size_per_partition

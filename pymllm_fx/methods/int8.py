@@ -11,6 +11,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import EightBitMoEMethod
 from pymllm_fx.layers.parameter import create_float_weight, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
@@ -57,6 +58,10 @@ class Int8LinearMethod(LinearMethodBase):
 
     def experts_method(self) -> "Int8MoEMethod":
         return Int8MoEMethod()
+
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Quantized:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        return Quantized("int8", layer.qweight.data, layer.scales.data)
 
     def describe(self, layer: torch.nn.Module) -> str:
         return "W8A16 per-channel sym"

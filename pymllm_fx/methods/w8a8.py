@@ -31,9 +31,10 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from pymllm_fx.kernels.w8a8 import INT8_MAX, INT8_MIN
+from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.parameter import create_float_weight, default_weight_loader, register_param, replace_parameters
 from pymllm_fx.layers.quantize_base import LinearMethodBase
-from pymllm_fx.methods.common import check_config_keys, check_finite
+from pymllm_fx.methods.common import check_config_keys, check_finite, exact_in
 from pymllm_fx.methods.fp8_checkpoint import explain_errors, per_tensor_scale_loader
 
 _MIN_SCALE = torch.finfo(torch.float32).tiny  # an all-zero row keeps a finite scale (its codes are 0)
@@ -76,6 +77,10 @@ class W8A8LinearMethod(LinearMethodBase):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         return torch.ops.pymllm_fx.w8a8_linear(x, layer.qweight, layer.weight_scale, None, None, None, bias)
+
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Quantized:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        return w8a8_view(self, layer)
 
     def describe(self, layer: torch.nn.Module) -> str:
         return "W8A8 int8, per-channel sym weight, per-token dynamic act"
@@ -206,9 +211,29 @@ class W8A8CheckpointLinearMethod(LinearMethodBase):
             getattr(layer, "input_zero_point", None), getattr(layer, "weight_sums", None), bias,
         )
 
+    def checkpoint_view(self, layer: torch.nn.Module, where: str) -> Quantized:
+        """This layer in checkpoint terms, for ``save_quantized`` (the optional hook of ``quantize_base.py``)."""
+        return w8a8_view(self, layer)
+
     def describe(self, layer: torch.nn.Module) -> str:
         if self.activation_scheme == "dynamic":
             act = "per-token dynamic act"
         else:
             act = f"static per-tensor {'sym' if self.input_symmetric else 'asym'} act"
         return f"W8A8 int8 checkpoint, per-{self.weight_strategy} weight scale, {act}"
+
+
+def w8a8_view(method: LinearMethodBase, layer: torch.nn.Module) -> Quantized:
+    """Both W8A8 methods in checkpoint terms. Scales run in float32; a checkpoint's bf16 / fp16 scales
+    are written back in their own dtype."""
+    dtype = getattr(layer, "params_dtype", torch.float32)
+    static = getattr(method, "activation_scheme", "dynamic") == "static"
+    zero = getattr(layer, "input_zero_point", None)
+    return Quantized(
+        "w8a8", layer.qweight.data, exact_in(layer.weight_scale.data, dtype),
+        activation="static" if static else "token",
+        input_scale=exact_in(layer.input_scale.data, dtype) if static else None,
+        input_zero_point=None if zero is None else zero.data,
+        weight_strategy=getattr(method, "weight_strategy", "channel"),
+    )
+
