@@ -11,7 +11,6 @@ from typing import List, Optional
 
 import torch
 
-FORMATS = ("compressed-tensors", "awq", "gptq", "fp8")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -26,13 +25,16 @@ def _method(text: Optional[str]):
 
 
 def _parser() -> argparse.ArgumentParser:
+    import pymllm_fx  # noqa: F401  (importing the methods registers the checkpoint formats)
+    from pymllm_fx.loading.formats import format_names
+
     parser = argparse.ArgumentParser(prog="python -m pymllm_fx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     quantize = commands.add_parser("quantize", help="quantize a float checkpoint directory and save it in a checkpoint format")
     quantize.add_argument("src", type=Path, help="a local checkpoint directory (config.json + *.safetensors)")
     quantize.add_argument("--method", required=True, help="int8, int4, fp8, or a quantization_config as JSON")
     quantize.add_argument("--out", required=True, type=Path, help="the directory to write")
-    quantize.add_argument("--format", default="compressed-tensors", choices=FORMATS,
+    quantize.add_argument("--format", default="compressed-tensors", choices=format_names(),
                           help="checkpoint format to write (default: compressed-tensors, read by vLLM and transformers)")
     quantize.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                           help="module-path pattern to leave float (repeatable; default: lm_head)")

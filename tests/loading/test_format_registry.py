@@ -50,6 +50,13 @@ def test_a_toy_format_registered_in_one_file_is_written(toy, tmp_path):
     assert torch.equal(tensors["l1.weight"], model.l1.weight.detach())
 
 
+def test_the_cli_offers_a_registered_format(toy):
+    from pymllm_fx.cli import _parser
+
+    args = _parser().parse_args(["quantize", "src", "--method", "int8", "--out", "out", "--format", "toy"])
+    assert args.format == "toy"
+
+
 def test_the_toy_format_refuses_before_writing(toy, tmp_path):
     with pytest.raises(ValueError, match=r"l0: cannot write an int4 layer .* as 'toy': the toy format holds int8"):
         save_quantized(two_layers({"quant_method": "int4", "group_size": 32}), tmp_path / "out", "toy", progress=False)
