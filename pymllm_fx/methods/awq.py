@@ -42,9 +42,8 @@ from pymllm_fx.methods.common import (
     config_str,
     checkpoint_group,
     expand_groups,
-    float_linear,
     is_float_layer,
-    make_float_layer,
+    leave_float,
     read_int4,
     runtime_group,
     supported_group_size,
@@ -116,7 +115,8 @@ class AWQLinearMethod(LinearMethodBase):
         **extra_weight_attrs: Any,
     ) -> None:
         if any(name in getattr(layer, "prefix", "") for name in self.modules_to_not_convert):
-            make_float_layer(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
+            leave_float(layer, "AWQ modules_to_not_convert", input_size_per_partition, output_partition_sizes,
+                        input_size, output_size, params_dtype, **extra_weight_attrs)
             return
         where = getattr(layer, "prefix", "") or "layer"
         k, n = input_size_per_partition, sum(output_partition_sizes)
@@ -194,7 +194,7 @@ class AWQLinearMethod(LinearMethodBase):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         if is_float_layer(layer):
-            return float_linear(layer, x, bias)
+            return layer.left_float.apply(layer, x, bias)
         return torch.ops.pymllm_fx.w4a16_linear(
             x, layer.qweight, layer.scales, layer.zeros, runtime_group(self.group_size), bias
         )
@@ -209,7 +209,7 @@ class AWQLinearMethod(LinearMethodBase):
 
     def describe(self, layer: torch.nn.Module) -> str:
         if is_float_layer(layer):
-            return "unquantized (AWQ modules_to_not_convert)"
+            return layer.left_float.describe(layer)
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         return f"AWQ W4A16 {group} {'asym' if self.zero_point else 'sym'}"
 

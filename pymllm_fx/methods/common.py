@@ -6,11 +6,10 @@ import re
 from typing import Any, Iterable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from pymllm_fx.kernels.w4a16 import num_groups, unpack_int4
 from pymllm_fx.layers.checkpoint_view import Quantized, zero_points
-from pymllm_fx.layers.parameter import create_float_weight
+from pymllm_fx.layers.quantize_base import UnquantizedLinearMethod
 
 
 def check_config_keys(method: str, config: dict, accepted: Iterable[str]) -> None:
@@ -141,21 +140,29 @@ def exact_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return narrow if torch.equal(narrow.float(), t.float()) else t.float()
 
 
+class LeftFloat(UnquantizedLinearMethod):
+    """A layer a checkpoint's config leaves in float (AWQ ``modules_to_not_convert``, GPTQ ``dynamic``
+    skip rules, compressed-tensors ``ignore`` or no config group): the plain float ``weight`` and
+    ``F.linear``, with the reason ``explain()`` shows. The one float shape of every checkpoint
+    method: AWQ and GPTQ hand such a layer to it as ``layer.left_float``, compressed-tensors as the
+    layer's scheme."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        return f"unquantized ({self.reason})"
+
+
+def leave_float(layer: torch.nn.Module, reason: str, *create_args: Any, **extra_weight_attrs: Any) -> None:
+    """Make ``layer`` a :class:`LeftFloat` layer from inside a method's ``create_weights`` (its arguments)."""
+    layer.left_float = LeftFloat(reason)
+    layer.left_float.create_weights(layer, *create_args, **extra_weight_attrs)
+
+
 def is_float_layer(layer: torch.nn.Module) -> bool:
-    """A layer its checkpoint left unquantized (AWQ ``modules_to_not_convert``, GPTQ ``dynamic``
-    skip rules): it holds a plain float ``weight`` instead of packed codes."""
-    return getattr(layer, "left_float", False)
-
-
-def make_float_layer(layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list,
-                     params_dtype: torch.dtype, extra_weight_attrs: dict) -> None:
-    """Give ``layer`` the float weight its checkpoint stores; ``apply`` then runs ``float_linear``."""
-    create_float_weight(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
-    layer.left_float = True
-
-
-def float_linear(layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return F.linear(x, layer.weight, bias)
+    """A layer its checkpoint left unquantized: it holds a plain float ``weight``, not packed codes."""
+    return isinstance(getattr(layer, "left_float", None), LeftFloat)
 
 
 def read_int4(layer: torch.nn.Module, where: str, group: int, runtime: int, per_row: bool,

@@ -48,7 +48,7 @@ from pymllm_fx.layers.checkpoint_view import Quantized
 from pymllm_fx.layers.fused_moe import FusedMoEMethodBase
 from pymllm_fx.layers.quantize_base import LinearMethodBase, UnquantizedLinearMethod
 from pymllm_fx.loading.formats import Site, refuse
-from pymllm_fx.methods.common import config_pattern
+from pymllm_fx.methods.common import LeftFloat, config_pattern
 from pymllm_fx.methods.compressed_tensors_packed import PackedIntLinearMethod
 from pymllm_fx.methods.config_keys import COMPRESSED_TENSORS_KEYS, check_producer_keys
 from pymllm_fx.methods.fp8_checkpoint import Fp8CheckpointLinearMethod, Fp8WeightOnlyLinearMethod
@@ -90,16 +90,6 @@ class _RefusedExperts(FusedMoEMethodBase):
 # --- the whole-model method ---------------------------------------------------------------------
 
 
-class _Unquantized(UnquantizedLinearMethod):
-    """A layer the config leaves in float: the checkpoint holds its plain ``weight``."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def describe(self, layer: torch.nn.Module) -> str:
-        return f"unquantized ({self.reason})"
-
-
 def _name_matches(path: str, target: str) -> bool:
     if target.startswith("re:"):
         return re.match(target[3:], path) is not None
@@ -128,13 +118,13 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
         path = getattr(layer, "prefix", "")
         for entry in self.ignore:
             if _name_matches(path, entry) or _class_matches(layer, entry):
-                return "", _Unquantized(f"compressed-tensors ignore {entry!r}")
+                return "", LeftFloat(f"compressed-tensors ignore {entry!r}")
         exact = [t for t in self.targets if not t.startswith("re:") and path == t]
         regex = [t for t in self.targets if t.startswith("re:") and _name_matches(path, t)]
         by_class = [t for t in self.targets if _class_matches(layer, t)]
         for target in exact + regex + by_class:
             return self.targets[target]
-        return "", _Unquantized("no compressed-tensors config group targets it")
+        return "", LeftFloat("no compressed-tensors config group targets it")
 
     def create_weights(
         self,

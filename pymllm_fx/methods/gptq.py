@@ -55,9 +55,8 @@ from pymllm_fx.methods.common import (
     config_str,
     checkpoint_group,
     expand_groups,
-    float_linear,
     is_float_layer,
-    make_float_layer,
+    leave_float,
     read_int4,
     runtime_group,
     supported_group_size,
@@ -138,7 +137,8 @@ class GPTQLinearMethod(LinearMethodBase):
         **extra_weight_attrs: Any,
     ) -> None:
         if any(re.match(pattern, getattr(layer, "prefix", "")) for pattern in self.skip_patterns):
-            make_float_layer(layer, input_size_per_partition, output_partition_sizes, params_dtype, extra_weight_attrs)
+            leave_float(layer, "a GPTQ dynamic skip rule", input_size_per_partition, output_partition_sizes,
+                        input_size, output_size, params_dtype, **extra_weight_attrs)
             return
         where = getattr(layer, "prefix", "") or "layer"
         k, n, f = input_size_per_partition, sum(output_partition_sizes), self.pack_factor
@@ -287,7 +287,7 @@ class GPTQLinearMethod(LinearMethodBase):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         if is_float_layer(layer):
-            return float_linear(layer, x, bias)
+            return layer.left_float.apply(layer, x, bias)
         if layer.perm is not None:
             x = x.index_select(-1, layer.perm)
         if self.bits == 8:
@@ -308,7 +308,7 @@ class GPTQLinearMethod(LinearMethodBase):
 
     def describe(self, layer: torch.nn.Module) -> str:
         if is_float_layer(layer):
-            return "unquantized (a GPTQ dynamic skip rule)"
+            return layer.left_float.describe(layer)
         if self.bits == 8:
             return "GPTQ W8A16 per-channel sym"
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
