@@ -19,9 +19,9 @@ from pymllm_fx.kernels._triton import (
     INTERPRET,
     as_rows,
     check_contiguous,
-    grouped_tile,
     runs_triton,
     store_tile,
+    tile_offsets,
     tl,
     triton,
 )
@@ -135,11 +135,7 @@ def _fp8_block_gemm_kernel(
 ):
     """e4m3 x e4m3 dots over K tiles; each tile lies inside one scale group (BLOCK_K divides
     SCALE_K), so its partial product takes that group's token scales and weight-block scales."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     groups = tl.cdiv(K, SCALE_K)  # columns of both scale tensors
     x_scale_rows = x_scale_ptr + offs_m * groups

@@ -17,9 +17,9 @@ from pymllm_fx.kernels._triton import (
     as_rows,
     check_contiguous,
     gemv_8bit_config,
-    grouped_tile,
     runs_triton,
     store_tile,
+    tile_offsets,
     tl,
     triton,
 )
@@ -130,11 +130,7 @@ def _w8a16_gemm_kernel(
     GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, FP8: tl.constexpr,
 ):
     """Tensor-core path: 8-bit tiles converted to the activation dtype and fed to ``tl.dot``."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for b in range(tl.cdiv(K, BLOCK_K)):
