@@ -94,11 +94,10 @@ from common import (
     sync,
     timed,
 )
+from moe import VARIANTS as MOE_VARIANTS, set_variant  # kernels/moe.py's A/B switches
 
 METHODS = ("bf16", "int8", "int4", "fp8", "w8a8", "torchao-int4", "bf16-fused", "int8-unfused", "int4-unfused", "fp8-unfused",
-           "w8a8-unfused", "int4-moegemv")
-# A/B variants: the method, run with one of kernels/moe.py's switches set for it alone.
-SWITCHED = {"int4-moegemv": ("int4", "DECODE_GEMV", True)}
+           "w8a8-unfused") + tuple(f"int4-{variant}" for variant in MOE_VARIANTS)
 PHASES = ("prefill", "gen", "lean", "logits", "split")
 MODELS = ("llama3-8b", "llama3-70b", "qwen3-moe")
 ALL_REDUCE = ("nccl", "one_shot", "two_shot", "inductor")
@@ -589,20 +588,17 @@ def run_method(method: str, args, config, device: torch.device) -> Dict[str, Any
     # torchao's quantize_ sets process-wide Inductor options (set_inductor_config=True, its default):
     # they apply to this method's compilations and are undone afterwards, so the next method is unaffected.
     inductor_saved = torch._inductor.config.save_config()
-    switched = SWITCHED.get(method)
-    if switched:  # Inductor's caches would replay the first compile of the op: they differ only in Python
-        from pymllm_fx.kernels import moe
-
-        base, name, value = switched
-        saved = getattr(moe, name)
-        setattr(moe, name, value)
+    base, _, variant = method.partition("-")
+    switched = variant in MOE_VARIANTS  # "int4-tiles": int4 with one of kernels/moe.py's switches changed
+    if switched:
+        set_variant(variant)
         torch._inductor.config.force_disable_caches = True
     try:
         return _run_method(base if switched else method, args, config, device, res)
     finally:
         torch._inductor.config.load_config(inductor_saved)
         if switched:
-            setattr(moe, name, saved)
+            set_variant("")
 
 
 def _run_method(method: str, args, config, device: torch.device, res: Dict[str, Any]) -> Dict[str, Any]:

@@ -31,9 +31,9 @@ from timing import copy_bandwidth_gbs, graph_time_us  # noqa: E402
 METHODS = ("bf16", "bf16-batched", "int4", "int8", "fp8")
 # A/B variants of pymllm_fx's grouped GEMM (kernels/moe.py's switches), measured in the same run:
 # "-reshape" spreads int4 codes into feature order instead of eight nibble dots; "-sorted" runs
-# moe_align's sort at decode instead of one block per (token, expert) pair; "-gemv" runs int4 decode
-# on the CUDA-core GEMV instead of 16-row tensor-core tiles.
-VARIANTS = {"reshape": ("NIBBLE_DOTS", False), "sorted": ("DIRECT_MAX_ASSIGNMENTS", 0), "gemv": ("DECODE_GEMV", True)}
+# moe_align's sort at decode instead of one block per (token, expert) pair; "-tiles" runs int4 decode
+# on 16-row tensor-core tiles instead of the CUDA-core GEMV. benchmarks/e2e.py takes the same variants.
+VARIANTS = {"reshape": ("NIBBLE_DOTS", False), "sorted": ("DIRECT_MAX_ASSIGNMENTS", 0), "tiles": ("DECODE_GEMV", False)}
 SHAPE = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8)
 
 
@@ -44,6 +44,16 @@ def _defaults():
 
 
 DEFAULTS = _defaults()
+
+
+def set_variant(variant: str) -> None:
+    """kernels/moe.py's switches at the library's defaults, except ``variant``'s (a VARIANTS key, or
+    "" for none). Run with Inductor's caches off: they key a graph by the op call, not by what the
+    op's Python chose inside it, and would replay another variant's kernels."""
+    from pymllm_fx.kernels import moe
+
+    for name, (switch, value) in VARIANTS.items():
+        setattr(moe, switch, value if variant == name else DEFAULTS[switch])
 
 
 def build_experts(config, layers: int, seed: int):
@@ -69,12 +79,10 @@ def apply(method: str, experts: list, config) -> list:
         config._experts_implementation = "grouped_mm" if method == "bf16" else "batched_mm"
         return experts
     from pymllm_fx.api import _quantize_own_experts
-    from pymllm_fx.kernels import moe
     from pymllm_fx.methods.registry import resolve
 
     base, _, variant = method.partition("-")
-    for name, (switch, value) in VARIANTS.items():  # each method starts from the library's defaults
-        setattr(moe, switch, value if variant == name else DEFAULTS[switch])
+    set_variant(variant)  # each method starts from the library's defaults
     plan = {f"layer{i}": m for i, m in enumerate(experts)}
     return list(_quantize_own_experts(None, plan, resolve(base), "cuda", progress=False).values())
 
@@ -89,7 +97,7 @@ def routing(tokens: int, config, seed: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="from " + ", ".join(METHODS) + "; int4-reshape, int4-sorted, int4-gemv, int8-sorted: A/B variants")
+                   help="from " + ", ".join(METHODS) + "; int4-reshape, int4-sorted, int4-tiles, int8-sorted: A/B variants")
     p.add_argument("--tokens", default="1,8,2048")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="run each call eagerly")
     p.add_argument("--layers", type=int, default=8, help="experts copies cycled in one graph")
@@ -98,9 +106,7 @@ def main(argv=None) -> int:
     from transformers import Qwen3MoeConfig
 
     config = Qwen3MoeConfig(**SHAPE)
-    # Inductor's caches key a graph by the op call, not by what the op's Python chose inside it (a
-    # variant's switch): without this, every variant would replay the first one's kernels.
-    torch._inductor.config.force_disable_caches = True
+    torch._inductor.config.force_disable_caches = True  # the variants differ only in Python (set_variant)
     tokens = [int(t) for t in args.tokens.split(",")]
     bandwidth = copy_bandwidth_gbs()  # GB/s, read + written: what a kernel that only reads can reach
     results, rows = {}, []
