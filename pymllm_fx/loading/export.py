@@ -64,8 +64,9 @@ def read_layer(layer: nn.Module, where: str = "") -> Optional[Quantized]:
     """The quantized weight of a pymllm_fx linear layer in checkpoint terms, or None if it is float."""
     where = where or getattr(layer, "prefix", "") or "layer"
     method = layer.quant_method
-    if isinstance(method, UnquantizedLinearMethod) or getattr(layer, "left_float", False):
-        return None  # left_float: a layer its checkpoint left unquantized (methods/common.py)
+    left_float = getattr(layer, "left_float", None)  # a layer its checkpoint left unquantized (methods/common.LeftFloat)
+    if isinstance(method, UnquantizedLinearMethod) or isinstance(left_float, UnquantizedLinearMethod):
+        return None
     view = getattr(method, "checkpoint_view", None)
     if view is None:
         raise ValueError(
