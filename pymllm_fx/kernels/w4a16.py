@@ -215,8 +215,9 @@ def _group_params(s_ptr, z_ptr, offs, g, HAS_ZEROS: tl.constexpr):
 
 
 @triton.jit
-def _tile_step(acc, q, x_ptrs, s, z, s_ptr, z_ptr, s_offs, k0, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-               SCALE_IN: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
+def _tile_step(acc, q, x_ptrs, x_mask, s, z, s_ptr, z_ptr, s_offs, k0, GROUP: tl.constexpr,
+               HAS_ZEROS: tl.constexpr, SCALE_IN: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr,
+               DOT_F32: tl.constexpr):
     """One K step: the four quarters of the codes ``q`` times the activations at ``x_ptrs`` (the
     first quarter's; quarter j is 16 features on). ``s``, ``z``: the step's group parameters, with
     an added trailing axis; with groups under 64 features (SCALE_IN) they are loaded per quarter
@@ -225,29 +226,33 @@ def _tile_step(acc, q, x_ptrs, s, z, s_ptr, z_ptr, s_offs, k0, GROUP: tl.constex
         if GROUP < _TILE:  # each quarter (16 features) lies in one group; reload when it changes
             s, z = _group_params(s_ptr, z_ptr, s_offs, k0 // GROUP, HAS_ZEROS)
             s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
-        acc = _dot(_nibbles(q, z, s, 0, DTYPE, ASM), tl.load(x_ptrs), acc, DOT_F32)
+        xj = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        acc = _dot(_nibbles(q, z, s, 0, DTYPE, ASM), xj, acc, DOT_F32)
         if GROUP < _TILE and GROUP <= _QUARTER:
             s, z = _group_params(s_ptr, z_ptr, s_offs, (k0 + _QUARTER) // GROUP, HAS_ZEROS)
             s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
-        acc = _dot(_nibbles(q, z, s, 1, DTYPE, ASM), tl.load(x_ptrs + _QUARTER), acc, DOT_F32)
+        xj = tl.load(x_ptrs + _QUARTER, mask=x_mask, other=0.0)
+        acc = _dot(_nibbles(q, z, s, 1, DTYPE, ASM), xj, acc, DOT_F32)
         if GROUP < _TILE:
             s, z = _group_params(s_ptr, z_ptr, s_offs, (k0 + 2 * _QUARTER) // GROUP, HAS_ZEROS)
             s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
-        acc = _dot(_nibbles(q, z, s, 2, DTYPE, ASM), tl.load(x_ptrs + 2 * _QUARTER), acc, DOT_F32)
+        xj = tl.load(x_ptrs + 2 * _QUARTER, mask=x_mask, other=0.0)
+        acc = _dot(_nibbles(q, z, s, 2, DTYPE, ASM), xj, acc, DOT_F32)
         if GROUP < _TILE and GROUP <= _QUARTER:
             s, z = _group_params(s_ptr, z_ptr, s_offs, (k0 + 3 * _QUARTER) // GROUP, HAS_ZEROS)
             s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
-        acc = _dot(_nibbles(q, z, s, 3, DTYPE, ASM), tl.load(x_ptrs + 3 * _QUARTER), acc, DOT_F32)
+        xj = tl.load(x_ptrs + 3 * _QUARTER, mask=x_mask, other=0.0)
+        acc = _dot(_nibbles(q, z, s, 3, DTYPE, ASM), xj, acc, DOT_F32)
     else:  # MAGIC + code into the dot; the zero point and scale onto its float32 result
         # sum((MAGIC + c) x) - (MAGIC + z) sum(x) = sum((c - z) x). The activation sums come from
         # the same tensor cores (a dot with ones, in the accumulator's layout), so nothing waits
         # for the group parameters before the step's dots.
         zero = tl.zeros(acc.shape, tl.float32)
         ones = tl.full(q.shape, 1.0, DTYPE)
-        x0 = tl.load(x_ptrs)
-        x1 = tl.load(x_ptrs + _QUARTER)
-        x2 = tl.load(x_ptrs + 2 * _QUARTER)
-        x3 = tl.load(x_ptrs + 3 * _QUARTER)
+        x0 = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        x1 = tl.load(x_ptrs + _QUARTER, mask=x_mask, other=0.0)
+        x2 = tl.load(x_ptrs + 2 * _QUARTER, mask=x_mask, other=0.0)
+        x3 = tl.load(x_ptrs + 3 * _QUARTER, mask=x_mask, other=0.0)
         part = _dot(_raw_nibbles(q, 0, DTYPE, ASM), x0, zero, DOT_F32)
         part = _dot(_raw_nibbles(q, 1, DTYPE, ASM), x1, part, DOT_F32)
         part = _dot(_raw_nibbles(q, 2, DTYPE, ASM), x2, part, DOT_F32)
@@ -289,9 +294,10 @@ def _w4a16_kernel(
     it still converts them through shared memory each step; see benchmarks/NOTES_w4a16.md).
     With SPLIT_K > 1, programs along grid axis 2 take SPLIT slices each and write float32 partial
     sums to their own ``(M, N)`` slab of ``out``; the launcher adds the slabs.
-    Rows past N or M are clamped for loading (valid memory, results dropped at the store), so no
-    load is masked. BLOCK_K divides GROUP unless GROUP < 64 (then BLOCK_K is 64 and SCALE_IN), so
-    one step of one slice lies in one group.
+    Rows past N are clamped for loading (valid memory, results dropped at the store); activation
+    rows past M are masked to zero (reloading row M - 1 in their place, as before, made M = 2..5 run
+    up to 2x slower than M = 8 on the H200; benchmarks/NOTES_w4a16.md). BLOCK_K divides GROUP
+    unless GROUP < 64 (then BLOCK_K is 64 and SCALE_IN), so one step of one slice lies in one group.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -299,7 +305,6 @@ def _w4a16_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.minimum(offs_n, N - 1)
-    tokens = tl.minimum(offs_m, M - 1)
     Q: tl.constexpr = BLOCK_K // 4  # int16 per row and step
     offs_c = tl.arange(0, Q)
     xcol = offs_c // _QUARTER * _TILE + offs_c % _QUARTER  # quarter 0's feature of column c
@@ -309,12 +314,14 @@ def _w4a16_kernel(
     k_begin = pid_k * SPLIT * k_slice
     if SPLIT == 1:
         q_ptrs = q16 + rows[:, None] * stride_qn + offs_c[None, :]
-        x_ptrs = x_ptr + tokens[None, :] * stride_xm + xcol[:, None]
+        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + xcol[:, None]
+        x_mask = (offs_m < M)[None, :]
         s_offs = rows * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         q_ptrs = q16 + rows[None, :, None] * stride_qn + (offs_s * k_slice_q)[:, None, None] + offs_c[None, None, :]
-        x_ptrs = x_ptr + tokens[None, None, :] * stride_xm + (offs_s * k_slice)[:, None, None] + xcol[None, :, None]
+        x_ptrs = x_ptr + offs_m[None, None, :] * stride_xm + (offs_s * k_slice)[:, None, None] + xcol[None, :, None]
+        x_mask = (offs_m < M)[None, None, :]
         s_offs = rows[None, :] * stride_sn
         acc = tl.zeros((SPLIT, BLOCK_N, BLOCK_M), tl.float32)
     for b in range(0, k_slice // BLOCK_K):
@@ -325,8 +332,8 @@ def _w4a16_kernel(
         else:
             kq = (k0 + offs_s * k_slice)[:, None]
         s, z = _group_params(s_ptr, z_ptr, s_offs, kq // GROUP, HAS_ZEROS)
-        acc = _tile_step(acc, q, x_ptrs + k0, tl.expand_dims(s, -1), tl.expand_dims(z, -1), s_ptr, z_ptr, s_offs, kq,
-                         GROUP, HAS_ZEROS, SCALE_IN, DTYPE, ASM, DOT_F32)
+        acc = _tile_step(acc, q, x_ptrs + k0, x_mask, tl.expand_dims(s, -1), tl.expand_dims(z, -1), s_ptr, z_ptr,
+                         s_offs, kq, GROUP, HAS_ZEROS, SCALE_IN, DTYPE, ASM, DOT_F32)
     if SPLIT == 1:
         out = acc
     else:
@@ -486,17 +493,21 @@ def _fit_block_k(block_k: int, k: int, group_size: int, split: int) -> int:
 
 
 def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
-    """Tensor-core block shapes by M (from benchmarks/tune.py on the H200, Llama-3-8B shapes): warps
-    split K within a program for narrow N; wide N has programs enough, and takes wgmma tiles."""
-    if m <= 16:
-        block_m = 8 if m <= 8 else 16
-        if n >= 16384:
+    """Tensor-core block shapes by M bucket (8, 16, 32, 64), from sweeps on the H200 at the
+    Llama-3-8B shapes (benchmarks/NOTES_w4a16.md): wide N takes 128 rows a program on 8 warps; up to
+    8 rows and short K, warps split K within a program; otherwise programs split K (more for long K)."""
+    block_m = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+    if n >= 16384:
+        if m <= 8:
             return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256, SPLIT=1, SPLIT_K=2, num_warps=4, num_stages=4)
-        if m <= 8 and k < 8192:
+        return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, SPLIT=1, SPLIT_K=1, num_warps=8, num_stages=3)
+    if k < 8192:
+        if m <= 8:
             return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, SPLIT=4, num_stages=3)
-        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=128, SPLIT=8, num_stages=3)
-    return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=128 if n >= 16384 else 64, BLOCK_K=128, SPLIT=1, SPLIT_K=2,
-                num_warps=4, num_stages=3)
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, SPLIT=1, SPLIT_K=4, num_warps=4, num_stages=3)
+    if m <= 16:
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, SPLIT=1, SPLIT_K=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, SPLIT=1, SPLIT_K=4, num_warps=8, num_stages=3)
 
 
 def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
@@ -539,19 +550,10 @@ def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
     return out.to(x2.dtype)
 
 
-# Rows up to GEMV_MAX_M take the GEMV (a program row each: the compute grows with M, the weight
-# bytes do not) below GEMV_ROWS_MAX_N outputs. H200, Llama-3-8B shapes, M = 2 against the tensor-core
-# kernel (us, bf16 cuBLAS in brackets): 4096x4096 10.9 vs 18.4 (13.3), 4096x6144 14.4 vs 28.8 (17.0),
-# 14336x4096 28.6 vs 34.9 (32.8), but 4096x28672 50.7 vs 36.7 (65.9), where the tensor-core
-# kernel splits K; at M = 3 the GEMV is ahead only at K = 4096, N <= 6144
-# (benchmarks/NOTES_w4a16.md, .probe/gemv_rows.py).
-GEMV_MAX_M = 2
-GEMV_ROWS_MAX_N = 16384
-
-
-def gemv_takes(m: int, n: int) -> bool:
-    """Whether ``m`` activation rows against ``n`` outputs go to the GEMV (given ``gemv_ok``)."""
-    return m == 1 or (m <= GEMV_MAX_M and n < GEMV_ROWS_MAX_N)
+# One activation row goes to the GEMV. From two rows the tensor-core kernel, with the rows past M
+# masked to zero, is faster at every Llama-3-8B shape (H200, M = 2, us: 8.9 against 11.1 at
+# 4096x4096, 21.9 against 28.6 at 14336x4096; benchmarks/NOTES_w4a16.md).
+GEMV_MAX_M = 1
 
 
 def gemv_ok(k: int, group_size: int, dtype: torch.dtype) -> bool:
@@ -569,7 +571,8 @@ def gemv_config(n: int, k: int) -> dict:
 
 
 def w4a16_gemv(x2, qweight, scales, zeros, group_size, bias, config=None):
-    """``(M, K) -> (M, N)`` on the decode GEMV (``gemv_ok`` must hold; M up to GEMV_MAX_M is its use)."""
+    """``(M, K) -> (M, N)`` on the decode GEMV (``gemv_ok`` must hold; a program row per activation row,
+    M = 1 is its use)."""
     from torch.library import wrap_triton
 
     m, k = x2.shape
@@ -605,13 +608,12 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, dtype, block_n: int = 4
 
 
 def w4a16_triton(x, qweight, scales, zeros, group_size, bias):
-    """The GPU path of the op: the GEMV for one or two rows (``gemv_takes``), the tensor-core
-    kernel up to MMA_MAX_M rows, dequantize-then-cuBLAS past it, and the exact reference for
-    shapes the kernels do not take (K not in whole 64-feature tiles, group sizes that split a
-    16-feature quarter)."""
+    """The GPU path of the op: the GEMV for one row, the tensor-core kernel up to MMA_MAX_M
+    rows, dequantize-then-cuBLAS past it, and the exact reference for shapes the kernels do not
+    take (K not in whole 64-feature tiles, group sizes that split a 16-feature quarter)."""
     x2 = as_rows(x)
     m, k = x2.shape
-    if gemv_takes(m, qweight.shape[0]) and gemv_ok(k, group_size, x2.dtype):
+    if m <= GEMV_MAX_M and gemv_ok(k, group_size, x2.dtype):
         out = w4a16_gemv(x2, qweight, scales, zeros, group_size, bias)
     elif fast_path_ok(k, group_size, x2.dtype) and m <= MMA_MAX_M:
         out = w4a16_mma(x2, qweight, scales, zeros, group_size, bias)

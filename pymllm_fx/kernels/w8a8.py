@@ -40,7 +40,9 @@ OP = "pymllm_fx.w8a8_linear"
 def quantize_int8_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(..., K)`` float -> (int8 ``(..., K)``, float32 scales ``(..., 1)``), one symmetric scale per row."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=_MIN_SCALE)
+    # A tensor divisor: CUDA divides by a Python number as a multiply by its reciprocal (1 ulp off
+    # IEEE division, which the kernels and vLLM's CUDA quantizer use)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / xf.new_tensor(float(INT8_MAX))).clamp(min=_MIN_SCALE)
     return torch.round(xf / scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8), scale
 
 

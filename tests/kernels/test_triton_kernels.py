@@ -32,6 +32,7 @@ W4_CFGS = [  # one-warp-group K splits (SPLIT > 1: batched dots), plain tiles, s
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT=1, num_warps=4, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, SPLIT=1, num_warps=4, num_stages=2, SCALE_IN=True),
     dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=64, SPLIT=1, SPLIT_K=2, num_warps=4, num_stages=2),  # K over programs too
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT=1, SPLIT_K=4, num_warps=4, num_stages=2),  # rows past M masked
 ]
 W4_GEMV_CFGS = [dict(BLOCK_N=16, TILES=2, num_warps=4), dict(BLOCK_N=8, TILES=1, num_warps=2),
                 dict(BLOCK_N=8, TILES=1, num_warps=2, PREFETCH=True)]  # codes and groups one step ahead
@@ -219,7 +220,7 @@ LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (4096, 28672)]  # (K, N)
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need a CUDA device")
-@pytest.mark.parametrize("m", [1, 8, 32, 128, 1024])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 32, 64, 128, 1024])
 @pytest.mark.parametrize("k, n", LLAMA_SHAPES)
 def test_ops_on_cuda_at_llama_shapes(k, n, m):
     seed("cuda", k, n, m)
