@@ -8,6 +8,8 @@ jobs are separated by ``;``. Specs (``/``-separated integers after the colon):
     w8gemv2:BN/BK/warps/ASM                        int8 GEMV at one config (ASM 0: Triton's I2F)
     w8dq:MIN                                       int8 op with its dequantize path from M = MIN
     fp8:BN/BK/warps                                fp8 GEMV at one config
+    a8, a8gemv:BN/BK/warps/PREQUANT                W8A8 int8: the op's choice; its GEMV at one config
+                                                   (PREQUANT 1: the row quantizer's int8 output)
     deq_old, deqonly_old, mma_old:..., w4_old, w8_old, fp8_old   the same from --old-dir
 
 ``--old-dir`` holds the previous kernel files (w4a16.py, w8a16.py, fp8_w8a8.py), e.g. from
@@ -29,10 +31,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling mo
 
 from timing import copies_for, copy_bandwidth_gbs, graph_time_us  # noqa: E402
 from tune import GROUP as G, make_fp8, make_w4, make_w8, rel_err  # noqa: E402
-from pymllm_fx.kernels import fp8_w8a8, w4a16, w8a16  # noqa: E402
+from pymllm_fx.kernels import fp8_w8a8, w4a16, w8a8, w8a16  # noqa: E402
 
 OLD_DIR = None
-MAKERS = {"w4": make_w4, "w8": make_w8, "f8": make_fp8}
+
+
+def make_a8(n, k, device):
+    """W8A8 weights: int8 codes and float32 per-channel scales (the op's dtypes)."""
+    w = make_w8(n, k, device)
+    return dict(qweight=w["qweight"], scales=w["scales"].float())
+
+
+MAKERS = {"w4": make_w4, "w8": make_w8, "f8": make_fp8, "a8": make_a8}
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,6 +96,11 @@ def fn(spec):
     if kind == "w8gemv2":  # BN/BK/warps/ASM
         cfg = dict(BLOCK_N=v[0], BLOCK_K=v[1], num_warps=v[2], ASM=bool(v[3]))
         return "w8", lambda x, w: w8a16.w8a16_gemv(x, w["qweight"], w["scales"], None, dict(cfg))
+    if kind == "a8":
+        return "a8", lambda x, w: w8a8.w8a8_triton(x, w["qweight"], w["scales"], None, None, None, None)
+    if kind == "a8gemv":  # BN/BK/warps/PREQUANT
+        cfg = dict(BLOCK_N=v[0], BLOCK_K=v[1], num_warps=v[2], PREQUANT=bool(v[3]))
+        return "a8", lambda x, w: w8a8.w8a8_gemv(x, w["qweight"], w["scales"], None, None, None, None, dict(cfg))
     raise ValueError(f"unknown spec {spec!r}")
 
 
@@ -96,6 +111,8 @@ def reference(spec, fam, x, w):
         return w4a16.w4a16_reference(x, w["qweight"], w["scales"], w["zeros"], G)
     if fam == "w8":
         return w8a16.w8a16_reference(x, w["qweight"], w["scales"])
+    if fam == "a8":
+        return w8a8.w8a8_reference(x, w["qweight"], w["scales"])
     return fp8_w8a8.fp8_linear_reference(x, w["weight"], w["weight_scale"])
 
 

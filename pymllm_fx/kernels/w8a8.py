@@ -162,21 +162,32 @@ def _w8a8_quantize_rows_kernel(
 
 
 @triton.jit
+def _activations(x_row, k, scale, zero, PREQUANT: tl.constexpr, ASM: tl.constexpr):
+    """The int8 values of the activations at ``x_row + k`` as integral float32: loaded from the
+    row quantizer's output (PREQUANT), or quantized here."""
+    if PREQUANT:
+        return _int8_to_f32(tl.load(x_row + k), ASM)
+    return _quantize(tl.load(x_row + k).to(tl.float32), scale, zero, ASM)
+
+
+@triton.jit
 def _w8a8_gemv_kernel(
     x_ptr, in_scale_ptr, in_zero_ptr, w_ptr, w_scale_ptr, w_sums_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_om,
-    STATIC: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
+    stride_xs, STATIC: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, PREQUANT: tl.constexpr,
 ):
-    """Decode path with the activation quantization fused (one launch): each program finds its
-    row's scale (the row is a few KB, read from L2), then quantizes its chunks of x as it streams
-    weights, on CUDA cores. Products of int8 values are exact in float32, and so is each lane's
-    sum of K / BLOCK_K of them. Rows past N are clamped (valid memory, dropped at the store); with
-    EVEN_K no load in the loop is masked, otherwise one masked step takes the tail."""
+    """Decode path on CUDA cores. Fused (one launch): each program finds its row's scale (the row
+    is a few KB, read from L2), then quantizes its chunks of x as it streams weights. PREQUANT:
+    ``x_ptr`` holds the row quantizer's int8 values and ``in_scale_ptr`` its scales (row stride
+    ``stride_xs``), so no program repeats the division per activation (a second launch instead).
+    Products of int8 values are exact in float32, and so is each lane's sum of K / BLOCK_K of them.
+    Rows past N are clamped (valid memory, dropped at the store); with EVEN_K no load in the loop
+    is masked, otherwise one masked step takes the tail."""
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     x_row = x_ptr + row * stride_xm
-    if STATIC:
-        scale = tl.load(in_scale_ptr)
+    if STATIC or PREQUANT:
+        scale = tl.load(in_scale_ptr + row * stride_xs)
     else:
         scale = _row_scale(x_row, K, BLOCK_K)
     zero = tl.load(in_zero_ptr).to(tl.float32) if HAS_ZERO else 0.0
@@ -187,12 +198,15 @@ def _w8a8_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     full = K // BLOCK_K
     for b in range(0, full):
-        xq = _quantize(tl.load(x_row + b * BLOCK_K + offs_k).to(tl.float32), scale, zero, ASM)
+        xq = _activations(x_row, b * BLOCK_K + offs_k, scale, zero, PREQUANT, ASM)
         acc += _int8_to_f32(tl.load(w_ptrs + b * BLOCK_K), ASM) * xq[None, :]
     if not EVEN_K:
         k_ok = full * BLOCK_K + offs_k < K
-        x = tl.load(x_row + full * BLOCK_K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        xq = tl.where(k_ok, _quantize(x, scale, zero, ASM), 0.0)  # a zero point would make padding non-zero
+        x = tl.load(x_row + full * BLOCK_K + offs_k, mask=k_ok, other=0)
+        if PREQUANT:
+            xq = _int8_to_f32(x, ASM)
+        else:  # a zero point would make the padding non-zero
+            xq = tl.where(k_ok, _quantize(x.to(tl.float32), scale, zero, ASM), 0.0)
         w = tl.load(w_ptrs + full * BLOCK_K, mask=k_ok[None, :] & (rows[:, None] >= 0), other=0)
         acc += _int8_to_f32(w, ASM) * xq[None, :]
     dot = tl.sum(acc, axis=1)
@@ -258,23 +272,35 @@ def w8a8_quantize_rows(x2, input_scale=None, input_zero_point=None, block_k: int
     return xq, scale
 
 
+# The decode GEMV quantizes the activations in every program (PREQUANT False: one launch, but each
+# activation's IEEE division is repeated by every program, which serves only 8-16 weight rows), or
+# takes them from the row quantizer (True: two launches). The first H200 timing (fused) ran M = 1 at
+# 0.95x bf16, against 1.77x for the weight-only int8 GEMV; True is the variant to time against it.
+GEMV_PREQUANT = False
+
+
 def w8a8_gemv(x2, qweight, weight_scale, input_scale, input_zero_point, weight_sums, bias, config=None):
-    """``(M, K) -> (M, N)`` on the fused decode kernel (one program column per row)."""
+    """``(M, K) -> (M, N)`` on the decode kernel (one program column per row)."""
     from torch.library import wrap_triton
 
     m, k = x2.shape
     n = qweight.shape[0]
     cfg = dict(config or gemv_8bit_config(n, k))
     asm = cfg.pop("ASM", True) and not INTERPRET
+    prequant = cfg.pop("PREQUANT", GEMV_PREQUANT)
     out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     anything = weight_scale  # a valid pointer for the arguments a constexpr switch leaves unread
+    scale, stride_xs = input_scale, 0
+    if prequant:
+        x2, scale = w8a8_quantize_rows(x2, input_scale, input_zero_point, asm=asm)
+        stride_xs = 0 if input_scale is not None else 1
     wrap_triton(_w8a8_gemv_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
-        x2, input_scale if input_scale is not None else anything,
+        x2, scale if scale is not None else anything,
         input_zero_point if input_zero_point is not None else anything, qweight, weight_scale,
         weight_sums if weight_sums is not None else anything, bias if bias is not None else anything, out,
-        n, k, x2.stride(0), out.stride(0),
+        n, k, x2.stride(0), out.stride(0), stride_xs,
         STATIC=input_scale is not None, HAS_ZERO=input_zero_point is not None, HAS_BIAS=bias is not None,
-        EVEN_K=k % cfg["BLOCK_K"] == 0, ASM=asm, **cfg,
+        EVEN_K=k % cfg["BLOCK_K"] == 0, ASM=asm, PREQUANT=prequant, **cfg,
     )
     return out
 

@@ -223,7 +223,8 @@ def test_bad_inputs(case, exc, pattern):
 
 # --- the Triton kernels against the reference ----------------------------------------------------
 
-GEMV_CFGS = [dict(BLOCK_N=16, BLOCK_K=64, num_warps=4), dict(BLOCK_N=8, BLOCK_K=128, num_warps=2)]  # K tails, N tails
+GEMV_CFGS = [dict(BLOCK_N=16, BLOCK_K=64, num_warps=4), dict(BLOCK_N=8, BLOCK_K=128, num_warps=2),  # K tails, N tails
+             dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, PREQUANT=True)]  # the row quantizer's output
 GEMM_CFGS = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2),
              dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=2)]
 
