@@ -607,6 +607,30 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, dtype, block_n: int = 4
     return out
 
 
+# Past MMA_MAX_M rows the weight is dequantized to float and multiplied by cuBLAS. With
+# DEQUANT_CHUNK_ROWS > 0 that happens in chunks of that many output rows, each chunk's float weight
+# multiplied while it is still in L2 (an idea to time: the whole float weight of a large layer
+# overflows L2, so today cuBLAS reads back from HBM what the dequantize kernel just wrote).
+DEQUANT_CHUNK_ROWS = 0
+
+
+def w4a16_dequant_linear(x2, qweight, scales, zeros, group_size, bias, chunk_rows: int = 0):
+    """``(M, K) -> (M, N)``: dequantize then cuBLAS, whole or ``chunk_rows`` output rows at a time."""
+    n = qweight.shape[0]
+    bias = None if bias is None else bias.to(x2.dtype)
+    if chunk_rows <= 0 or chunk_rows >= n:
+        return F.linear(x2, w4a16_dequantize(qweight, scales, zeros, group_size, x2.dtype), bias)
+    out = torch.empty((x2.shape[0], n), device=x2.device, dtype=x2.dtype)
+    for n0 in range(0, n, chunk_rows):
+        n1 = min(n, n0 + chunk_rows)
+        weight = w4a16_dequantize(qweight[n0:n1], scales[n0:n1], None if zeros is None else zeros[n0:n1],
+                                  group_size, x2.dtype)
+        torch.mm(x2, weight.t(), out=out[:, n0:n1])
+    if bias is not None:
+        out += bias
+    return out
+
+
 def w4a16_triton(x, qweight, scales, zeros, group_size, bias):
     """The GPU path of the op: the GEMV for one row, the tensor-core kernel up to MMA_MAX_M
     rows, dequantize-then-cuBLAS past it, and the exact reference for shapes the kernels do not
@@ -618,8 +642,7 @@ def w4a16_triton(x, qweight, scales, zeros, group_size, bias):
     elif fast_path_ok(k, group_size, x2.dtype) and m <= MMA_MAX_M:
         out = w4a16_mma(x2, qweight, scales, zeros, group_size, bias)
     elif fast_path_ok(k, group_size, x2.dtype):  # compute-bound: the weight once in float, then cuBLAS
-        weight = w4a16_dequantize(qweight, scales, zeros, group_size, x2.dtype)
-        out = F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
+        out = w4a16_dequant_linear(x2, qweight, scales, zeros, group_size, bias, DEQUANT_CHUNK_ROWS)
     else:
         out = w4a16_reference(x2, qweight, scales, zeros, group_size, bias)
     return out.reshape(*x.shape[:-1], qweight.shape[0])

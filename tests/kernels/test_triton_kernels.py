@@ -62,6 +62,9 @@ def test_w4a16_kernels_match_reference(m, n, k, group_size, asym, dtype):
     for cfg in W4_CFGS:
         out = w4a16.w4a16_mma(x, qweight, scales, zeros, group_size, bias, dict(cfg))
         assert out.dtype == dtype and rel_err(out, ref) <= REL_TOL[dtype], cfg
+    for chunk_rows in (0, 8):  # dequantize then matmul: whole, and in chunks of output rows (N tails)
+        out = w4a16.w4a16_dequant_linear(x, qweight, scales, zeros, group_size, bias, chunk_rows)
+        assert out.dtype == dtype and rel_err(out, ref) <= REL_TOL[dtype], chunk_rows
     weight = w4a16.w4a16_dequantize(qweight, scales, zeros, group_size, dtype, block_n=16, tiles=2)
     assert rel_err(weight, w4a16.dequantize_int4(qweight, scales, zeros, group_size).to(dtype)) <= REL_TOL[dtype] / 2
     if w4a16.gemv_ok(k, group_size, dtype):  # the decode GEMV: one row, and all rows (a program row each)
