@@ -7,7 +7,8 @@ on the CPU machine; it reads the code, it times nothing.
     python benchmarks/compiled_w4a16.py BLOCK_M=8,BLOCK_N=32,BLOCK_K=256,PREFETCH=True --dump /tmp/k
 
 ``--dump PREFIX`` writes PREFIX.ttgir and PREFIX.ptx. Constexprs not given take the op's defaults
-(group 128 with zero points, bf16 activations, no bias, one K slice per program).
+(group 128 with zero points, bf16 activations, no bias, one K slice per program); BLOCK_K is cut to
+the group size, as the launcher does.
 """
 
 import argparse
@@ -32,6 +33,8 @@ def compile_kernel(config: dict, capability: int = 90):
     constexprs = dict(GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, SCALE_IN=False, ASM=True, DOT_F32=False, SPLIT=1,
                       SPLIT_K=1, PREFETCH=False)
     constexprs.update(config)
+    if constexprs["GROUP"] >= 64:  # as the launcher fits it: one step lies in one group
+        constexprs["BLOCK_K"] = min(constexprs.get("BLOCK_K", 128), constexprs["GROUP"])
     if constexprs["SPLIT"] > 1:
         options["num_warps"] = constexprs["SPLIT"]  # as the launcher does
     signature = {}
