@@ -3,8 +3,7 @@ file, in one run on one GPU (the numbers in NOTES_w4a16.md). Each job is ``M=spe
 jobs are separated by ``;``. Specs (``/``-separated integers after the colon):
 
     deq:BN/TILES/warps  deqonly:BN/TILES/warps     int4 dequantize (+ cuBLAS, or alone: then GB/s)
-    mma:BM/BN/BK/SPLIT/warps/stages/SPLIT_K[/PF]   int4 tensor-core kernel at one config (PF 1: MMA_PREFETCH)
-    w4pf                                           the op's own path choice with MMA_PREFETCH on
+    mma:BM/BN/BK/SPLIT/warps/stages/SPLIT_K        int4 tensor-core kernel at one config
     w4, w8                                         the op's own path choice
     w4chunk:ROWS                                   int4 dequantize + cuBLAS in chunks of ROWS output rows
     w8gemv2:BN/BK/warps/ASM                        int8 GEMV at one config (ASM 0: Triton's I2F)
@@ -78,21 +77,11 @@ def fn(spec):
         return "w4", deq_old
     if kind in ("mma", "mma_old"):  # BM/BN/BK/SPLIT/warps/stages/SPLIT_K
         cfg = dict(BLOCK_M=v[0], BLOCK_N=v[1], BLOCK_K=v[2], SPLIT=v[3], num_warps=v[4], num_stages=v[5], SPLIT_K=v[6])
-        if len(v) > 7 and kind == "mma":
-            cfg["PREFETCH"] = bool(v[7])
         module = w4a16 if kind == "mma" else _old("w4a16")
         return "w4", lambda x, w: module.w4a16_mma(x, w["qweight"], w["scales"], w["zeros"], G, None, dict(cfg))
     if kind in ("w4", "w4_old"):  # the op's own choice
         module = w4a16 if kind == "w4" else _old("w4a16")
         return "w4", lambda x, w: module.w4a16_triton(x, w["qweight"], w["scales"], w["zeros"], G, None)
-    if kind == "w4pf":
-        def w4pf(x, w):
-            w4a16.MMA_PREFETCH = True
-            try:
-                return w4a16.w4a16_triton(x, w["qweight"], w["scales"], w["zeros"], G, None)
-            finally:
-                w4a16.MMA_PREFETCH = False
-        return "w4", w4pf
     if kind == "w4chunk":
         return "w4", lambda x, w: w4a16.w4a16_dequant_linear(x, w["qweight"], w["scales"], w["zeros"], G, None, v[0])
     if kind in ("fp8", "fp8_old"):

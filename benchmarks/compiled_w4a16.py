@@ -4,7 +4,7 @@ and whether Triton software-pipelined the loop (cp.async). Triton's wheel ships 
 on the CPU machine; it reads the code, it times nothing.
 
     python benchmarks/compiled_w4a16.py BLOCK_M=8,BLOCK_N=32,BLOCK_K=256,SPLIT=4
-    python benchmarks/compiled_w4a16.py BLOCK_M=8,BLOCK_N=32,BLOCK_K=256,PREFETCH=True --dump /tmp/k
+    python benchmarks/compiled_w4a16.py BLOCK_M=32,BLOCK_N=128,SPLIT_K=1,num_warps=8 --dump /tmp/k
 
 ``--dump PREFIX`` writes PREFIX.ttgir and PREFIX.ptx. Constexprs not given take the op's defaults
 (group 128 with zero points, bf16 activations, no bias, one K slice per program); BLOCK_K is cut to
@@ -31,7 +31,7 @@ def compile_kernel(config: dict, capability: int = 90):
     config = dict(config)
     options = dict(num_warps=config.pop("num_warps", 4), num_stages=config.pop("num_stages", 3))
     constexprs = dict(GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, SCALE_IN=False, ASM=True, DOT_F32=False, SPLIT=1,
-                      SPLIT_K=1, PREFETCH=False)
+                      SPLIT_K=1)
     constexprs.update(config)
     if constexprs["GROUP"] >= 64:  # as the launcher fits it: one step lies in one group
         constexprs["BLOCK_K"] = min(constexprs.get("BLOCK_K", 128), constexprs["GROUP"])
@@ -49,9 +49,49 @@ def compile_kernel(config: dict, capability: int = 90):
             signature[name] = "i32"
         else:
             signature[name] = "constexpr"
-    source = ASTSource(fn=kernel, signature=signature,
+    # What the JIT infers at the Llama shapes: every pointer 16-byte aligned, every int argument but M
+    # (the activation rows) a multiple of 16; without it every load compiles to 2-byte scalar loads.
+    aligned = [name for name in signature if signature[name] != "constexpr" and name != "M"]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS of a cubin, through the nvdisasm that Triton's wheel ships."""
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-c", "-hex", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def innermost_loop(sass: str) -> list:
+    """The instructions (opcodes with operands) of the longest backward-branch loop in the SASS."""
+    import re
+
+    lines = []
+    labels = {}
+    for raw in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", raw)
+        if label:
+            labels[label.group(1)] = len(lines)
+            continue
+        inst = re.match(r"\s*/\*[0-9a-f]+\*/\s*(.*?);", raw)
+        if inst:
+            lines.append(re.sub(r"^@!?U?P\w+\s+", "", inst.group(1).strip()))
+    best = []
+    for end, text in enumerate(lines):
+        target = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", text)
+        if target and target.group(1) in labels and labels[target.group(1)] <= end:
+            body = lines[labels[target.group(1)]:end + 1]
+            best = body if len(body) > len(best) else best
+    return best
 
 
 def main():
@@ -65,15 +105,27 @@ def main():
         config[name.strip()] = ast.literal_eval(value.strip())
     compiled = compile_kernel(config)
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    sass = disassemble(compiled.asm["cubin"])
     if args.dump:
-        with open(args.dump + ".ttgir", "w") as f:
-            f.write(ttgir)
-        with open(args.dump + ".ptx", "w") as f:
-            f.write(ptx)
+        for ext, text in (("ttgir", ttgir), ("ptx", ptx), ("sass", sass)):
+            with open(f"{args.dump}.{ext}", "w") as f:
+                f.write(text)
     loop = ttgir[ttgir.find("scf.for"):ttgir.find("scf.yield")]
     print(f"shared memory {compiled.metadata.shared} B; in the K loop: {loop.count('ttg.local_alloc')} tensors "
           f"through shared memory, {loop.count('tt.load')} global loads, {loop.count('tt.dot')} dots")
     print("PTX (whole kernel): " + ", ".join(f"{op} {ptx.count(op)}" for op in PTX_OPS))
+    body = innermost_loop(sass)
+    c = dict(config)
+    block_k = min(c.get("BLOCK_K", 128), 128)
+    weights = c.get("BLOCK_N", 64) * block_k * c.get("SPLIT", 1) / (32 * (c.get("SPLIT", 1) if c.get("SPLIT", 1) > 1
+                                                                            else c.get("num_warps", 4)))
+    kinds = {}
+    for line in body:
+        op = line.split()[0].split(".")[0]
+        kinds[op] = kinds.get(op, 0) + 1
+    top = ", ".join(f"{op} {n}" for op, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:12])
+    print(f"SASS, the longest loop: {len(body)} instructions a step, {weights:.0f} weights a thread a step "
+          f"({len(body) / weights:.2f} instructions a weight): {top}")
 
 
 if __name__ == "__main__":

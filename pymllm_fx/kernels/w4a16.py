@@ -243,40 +243,27 @@ def _tile_step(acc, q, x_ptrs, x_mask, s, z, s_ptr, z_ptr, s_offs, k0, GROUP: tl
             s, z = tl.expand_dims(s, -1), tl.expand_dims(z, -1)
         xj = tl.load(x_ptrs + 3 * _QUARTER, mask=x_mask, other=0.0)
         acc = _dot(_nibbles(q, z, s, 3, DTYPE, ASM), xj, acc, DOT_F32)
-    else:
-        x0, x1, x2, x3 = _load_quarters(x_ptrs, x_mask)
-        acc = _magic_step(acc, q, x0, x1, x2, x3, s, z, DTYPE, ASM, DOT_F32)
+    else:  # MAGIC + code into the dot; the zero point and scale onto its float32 result
+        # sum((MAGIC + c) x) - (MAGIC + z) sum(x) = sum((c - z) x). The activation sums come from
+        # the same tensor cores (a dot with ones, in the accumulator's layout), so nothing waits
+        # for the group parameters before the step's dots.
+        zero = tl.zeros(acc.shape, tl.float32)
+        ones = tl.full(q.shape, 1.0, DTYPE)
+        x0 = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        x1 = tl.load(x_ptrs + _QUARTER, mask=x_mask, other=0.0)
+        x2 = tl.load(x_ptrs + 2 * _QUARTER, mask=x_mask, other=0.0)
+        x3 = tl.load(x_ptrs + 3 * _QUARTER, mask=x_mask, other=0.0)
+        part = _dot(_raw_nibbles(q, 0, DTYPE, ASM), x0, zero, DOT_F32)
+        part = _dot(_raw_nibbles(q, 1, DTYPE, ASM), x1, part, DOT_F32)
+        part = _dot(_raw_nibbles(q, 2, DTYPE, ASM), x2, part, DOT_F32)
+        part = _dot(_raw_nibbles(q, 3, DTYPE, ASM), x3, part, DOT_F32)
+        sums = _dot(ones, x0, zero, DOT_F32)
+        sums = _dot(ones, x1, sums, DOT_F32)
+        sums = _dot(ones, x2, sums, DOT_F32)
+        sums = _dot(ones, x3, sums, DOT_F32)
+        magic = 1024.0 if DTYPE == tl.float16 else 128.0
+        acc += (part - (z + magic) * sums) * s
     return acc
-
-
-@triton.jit
-def _load_quarters(x_ptrs, x_mask):
-    """The activations of a step's four quarters (rows past M as zeros)."""
-    x0 = tl.load(x_ptrs, mask=x_mask, other=0.0)
-    x1 = tl.load(x_ptrs + _QUARTER, mask=x_mask, other=0.0)
-    x2 = tl.load(x_ptrs + 2 * _QUARTER, mask=x_mask, other=0.0)
-    x3 = tl.load(x_ptrs + 3 * _QUARTER, mask=x_mask, other=0.0)
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def _magic_step(acc, q, x0, x1, x2, x3, s, z, DTYPE: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
-    """One K step, MAGIC + code into the dot; the zero point and scale onto its float32 result:
-    sum((MAGIC + c) x) - (MAGIC + z) sum(x) = sum((c - z) x). The activation sums come from the
-    same tensor cores (a dot with ones, in the accumulator's layout), so nothing waits for the
-    group parameters before the step's dots."""
-    zero = tl.zeros(acc.shape, tl.float32)
-    ones = tl.full(q.shape, 1.0, DTYPE)
-    part = _dot(_raw_nibbles(q, 0, DTYPE, ASM), x0, zero, DOT_F32)
-    part = _dot(_raw_nibbles(q, 1, DTYPE, ASM), x1, part, DOT_F32)
-    part = _dot(_raw_nibbles(q, 2, DTYPE, ASM), x2, part, DOT_F32)
-    part = _dot(_raw_nibbles(q, 3, DTYPE, ASM), x3, part, DOT_F32)
-    sums = _dot(ones, x0, zero, DOT_F32)
-    sums = _dot(ones, x1, sums, DOT_F32)
-    sums = _dot(ones, x2, sums, DOT_F32)
-    sums = _dot(ones, x3, sums, DOT_F32)
-    magic = 1024.0 if DTYPE == tl.float16 else 128.0
-    return acc + (part - (z + magic) * sums) * s
 
 
 @triton.jit
@@ -295,7 +282,6 @@ def _w4a16_kernel(
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_K: tl.constexpr, SCALE_IN: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """``out = x @ W.T``; K is cut into ``SPLIT_K * SPLIT`` slices of ``k_slice`` features
     (``k_slice_q = k_slice // 4`` int16 per row), each a multiple of BLOCK_K (a multiple of 64).
@@ -338,31 +324,16 @@ def _w4a16_kernel(
         x_mask = (offs_m < M)[None, None, :]
         s_offs = rows[None, :] * stride_sn
         acc = tl.zeros((SPLIT, BLOCK_N, BLOCK_M), tl.float32)
-    if SPLIT == 1:
-        slice_starts = 0  # each K slice's first feature, from the step's: none for one slice
-    else:
-        slice_starts = (offs_s * k_slice)[:, None]
-    steps = k_slice // BLOCK_K
-    if PREFETCH:  # registers hold the next step's codes, activations and group parameters (no SCALE_IN)
-        q = tl.load(q_ptrs + k_begin // 4)
-        x0, x1, x2, x3 = _load_quarters(x_ptrs + k_begin, x_mask)
-        s, z = _group_params(s_ptr, z_ptr, s_offs, (k_begin + slice_starts) // GROUP, HAS_ZEROS)
-        for b in range(0, steps):
-            k_next = k_begin + tl.minimum(b + 1, steps - 1) * BLOCK_K  # the last step reloads itself (an L2 hit)
-            q_next = tl.load(q_ptrs + k_next // 4)
-            x0n, x1n, x2n, x3n = _load_quarters(x_ptrs + k_next, x_mask)
-            s_next, z_next = _group_params(s_ptr, z_ptr, s_offs, (k_next + slice_starts) // GROUP, HAS_ZEROS)
-            acc = _magic_step(acc, q, x0, x1, x2, x3, tl.expand_dims(s, -1), tl.expand_dims(z, -1), DTYPE, ASM,
-                              DOT_F32)
-            q, x0, x1, x2, x3, s, z = q_next, x0n, x1n, x2n, x3n, s_next, z_next
-    else:
-        for b in range(0, steps):
-            k0 = k_begin + b * BLOCK_K  # slice 0's first feature of this step
-            q = tl.load(q_ptrs + k0 // 4)
-            kq = k0 + slice_starts
-            s, z = _group_params(s_ptr, z_ptr, s_offs, kq // GROUP, HAS_ZEROS)
-            acc = _tile_step(acc, q, x_ptrs + k0, x_mask, tl.expand_dims(s, -1), tl.expand_dims(z, -1), s_ptr,
-                             z_ptr, s_offs, kq, GROUP, HAS_ZEROS, SCALE_IN, DTYPE, ASM, DOT_F32)
+    for b in range(0, k_slice // BLOCK_K):
+        k0 = k_begin + b * BLOCK_K  # slice 0's first feature of this step
+        q = tl.load(q_ptrs + k0 // 4)
+        if SPLIT == 1:
+            kq = k0
+        else:
+            kq = (k0 + offs_s * k_slice)[:, None]
+        s, z = _group_params(s_ptr, z_ptr, s_offs, kq // GROUP, HAS_ZEROS)
+        acc = _tile_step(acc, q, x_ptrs + k0, x_mask, tl.expand_dims(s, -1), tl.expand_dims(z, -1), s_ptr, z_ptr,
+                         s_offs, kq, GROUP, HAS_ZEROS, SCALE_IN, DTYPE, ASM, DOT_F32)
     if SPLIT == 1:
         out = acc
     else:
@@ -539,21 +510,13 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> di
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, SPLIT=1, SPLIT_K=4, num_warps=8, num_stages=3)
 
 
-# The tensor-core kernel's K loop is not software-pipelined by Triton (no cp.async: the codes reach
-# the dot through inline assembly), so each step's loads wait in full unless other warps cover them.
-# MMA_PREFETCH loads the next step into registers before this step's dots (as the GEMV does); an A/B
-# to time on the GPU before it becomes the default.
-MMA_PREFETCH = False
-
-
 def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
     """``(M, K) -> (M, N)`` on the tensor-core kernel (``fast_path_ok`` must hold)."""
     from torch.library import wrap_triton
 
     m, k = x2.shape
     n = qweight.shape[0]
-    cfg = {"SCALE_IN": False, "SPLIT": 1, "SPLIT_K": 1, "PREFETCH": MMA_PREFETCH,
-           **(config or _config(m, n, k, group_size, x2.device))}
+    cfg = {"SCALE_IN": False, "SPLIT": 1, "SPLIT_K": 1, **(config or _config(m, n, k, group_size, x2.device))}
     if cfg["SPLIT"] > 1:  # Triton puts the warps on the batch axis first: one warp per K slice, none idle or doubled
         cfg["num_warps"] = cfg["SPLIT"]
     while cfg["SPLIT_K"] > 1 and k % (cfg["SPLIT_K"] * cfg["SPLIT"] * TILE):
@@ -564,8 +527,6 @@ def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
     cfg["BLOCK_K"] = _fit_block_k(cfg["BLOCK_K"], k // cfg["SPLIT_K"], group_size, cfg["SPLIT"])
     if group_size < TILE or group_size % cfg["BLOCK_K"]:
         cfg["SCALE_IN"] = True
-    if cfg["SCALE_IN"]:  # its group parameters load per quarter inside the step
-        cfg["PREFETCH"] = False
     dot_f32 = INTERPRET or x2.dtype == torch.float32
     asm = cfg.pop("ASM", True) and not dot_f32  # ASM=False: the portable path, for the GPU test against it
     split_k = cfg["SPLIT_K"]
