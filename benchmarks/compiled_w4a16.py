@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 from pymllm_fx.kernels import w4a16
 
 POINTERS = ("x_ptr", "s_ptr", "z_ptr", "bias_ptr")
-INTS = ("M", "N", "K", "stride_xm", "stride_qn", "stride_sn", "stride_om", "k_slice", "k_slice_q")
+INTS = ("M", "N", "K", "stride_xm", "stride_qn", "stride_sn", "stride_om", "k_slice", "k_slice_q", "steps_k")
 PTX_OPS = ("mma.sync", "wgmma.mma_async", "ldmatrix", "st.shared", "ld.shared", "lop3", "cvt", "ld.global",
            "cp.async", "shfl", "bar.sync")
 
@@ -31,7 +31,7 @@ def compile_kernel(config: dict, capability: int = 90):
     config = dict(config)
     options = dict(num_warps=config.pop("num_warps", 4), num_stages=config.pop("num_stages", 3))
     constexprs = dict(GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, SCALE_IN=False, ASM=True, DOT_F32=False, SPLIT=1,
-                      SPLIT_K=1)
+                      SPLIT_K=1, XSUMS=False)
     constexprs.update(config)
     if constexprs["GROUP"] >= 64:  # as the launcher fits it: one step lies in one group
         constexprs["BLOCK_K"] = min(constexprs.get("BLOCK_K", 128), constexprs["GROUP"])
@@ -45,6 +45,8 @@ def compile_kernel(config: dict, capability: int = 90):
             signature[name] = "*bf16" if constexprs["SPLIT_K"] == 1 else "*fp32"
         elif name == "q_ptr":
             signature[name] = "*i32"
+        elif name == "xs_ptr":
+            signature[name] = "*fp32"
         elif name in INTS:
             signature[name] = "i32"
         else:

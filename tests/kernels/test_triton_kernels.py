@@ -33,6 +33,8 @@ W4_CFGS = [  # one-warp-group K splits (SPLIT > 1: batched dots), plain tiles, s
     dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, SPLIT=1, num_warps=4, num_stages=2, SCALE_IN=True),
     dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=64, SPLIT=1, SPLIT_K=2, num_warps=4, num_stages=2),  # K over programs too
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT=1, SPLIT_K=4, num_warps=4, num_stages=2),  # rows past M masked
+    dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=64, SPLIT=2, SPLIT_K=2, num_warps=2, num_stages=2, XSUMS=True),  # sums
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT=1, num_warps=4, num_stages=2, XSUMS=True),  # from a pre-pass
 ]
 W4_GEMV_CFGS = [dict(BLOCK_N=16, TILES=2, num_warps=4), dict(BLOCK_N=8, TILES=1, num_warps=2),
                 dict(BLOCK_N=8, TILES=1, num_warps=2, PREFETCH=True)]  # codes and groups one step ahead
