@@ -26,6 +26,30 @@ PTX_OPS = ("mma.sync", "wgmma.mma_async", "ldmatrix", "st.shared", "ld.shared", 
            "cp.async", "shfl", "bar.sync")
 
 
+def compile_gemv(config: dict, capability: int = 90):
+    """The decode GEMV (``_w4a16_gemv_kernel``) with the JIT's alignment at the Llama shapes."""
+    kernel = w4a16._w4a16_gemv_kernel
+    config = dict(config)
+    options = dict(num_warps=config.pop("num_warps", 4), num_stages=config.pop("num_stages", 3))
+    constexprs = dict(GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, ASM=True, PREFETCH=True, BLOCK_N=16, TILES=16)
+    constexprs.update(config)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32" if name == "q_ptr" else "*bf16"
+        else:
+            signature[name] = "i32"
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in signature if signature[name] != "constexpr"}
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    weights = constexprs["BLOCK_N"] * constexprs["TILES"] * 64 / (32 * options["num_warps"])
+    return compiled, weights
+
+
 def compile_kernel(config: dict, capability: int = 90):
     kernel = w4a16._w4a16_kernel
     config = dict(config)
@@ -73,6 +97,23 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([tool, "-c", "-hex", f.name], capture_output=True, text=True, check=True).stdout
 
 
+def resource_usage(cubin: bytes) -> str:
+    """Registers a thread and spill bytes, from the cuobjdump that Triton's wheel ships."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    return f"{regs.group(1) if regs else '?'} registers a thread, stack {stack.group(1) if stack else '?'} B"
+
+
 def innermost_loop(sass: str) -> list:
     """The instructions (opcodes with operands) of the longest backward-branch loop in the SASS."""
     import re
@@ -99,13 +140,21 @@ def innermost_loop(sass: str) -> list:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("config", help="NAME=VALUE,...: the kernel's constexprs, num_warps, num_stages")
-    ap.add_argument("--dump", default=None, help="write PREFIX.ttgir and PREFIX.ptx")
+    ap.add_argument("--dump", default=None, help="write PREFIX.ttgir, PREFIX.ptx and PREFIX.sass")
+    ap.add_argument("--gemv", action="store_true", help="the decode GEMV instead (BLOCK_N, TILES, PREFETCH, ...)")
     args = ap.parse_args()
     config = {}
     for item in args.config.split(","):
         name, _, value = item.partition("=")
         config[name.strip()] = ast.literal_eval(value.strip())
-    compiled = compile_kernel(config)
+    if args.gemv:
+        compiled, weights = compile_gemv(config)
+    else:
+        compiled = compile_kernel(config)
+        c = dict(config)
+        split = c.get("SPLIT", 1)
+        weights = c.get("BLOCK_N", 64) * min(c.get("BLOCK_K", 128), 128) * split / (
+            32 * (split if split > 1 else c.get("num_warps", 4)))
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     sass = disassemble(compiled.asm["cubin"])
     if args.dump:
@@ -113,14 +162,10 @@ def main():
             with open(f"{args.dump}.{ext}", "w") as f:
                 f.write(text)
     loop = ttgir[ttgir.find("scf.for"):ttgir.find("scf.yield")]
-    print(f"shared memory {compiled.metadata.shared} B; in the K loop: {loop.count('ttg.local_alloc')} tensors "
+    print(f"{resource_usage(compiled.asm['cubin'])}; shared memory {compiled.metadata.shared} B; in the K loop: {loop.count('ttg.local_alloc')} tensors "
           f"through shared memory, {loop.count('tt.load')} global loads, {loop.count('tt.dot')} dots")
     print("PTX (whole kernel): " + ", ".join(f"{op} {ptx.count(op)}" for op in PTX_OPS))
     body = innermost_loop(sass)
-    c = dict(config)
-    block_k = min(c.get("BLOCK_K", 128), 128)
-    weights = c.get("BLOCK_N", 64) * block_k * c.get("SPLIT", 1) / (32 * (c.get("SPLIT", 1) if c.get("SPLIT", 1) > 1
-                                                                            else c.get("num_warps", 4)))
     kinds = {}
     for line in body:
         op = line.split()[0].split(".")[0]
