@@ -78,7 +78,7 @@ def apply(method: str, experts: list, config) -> list:
     if method in ("bf16", "bf16-batched"):
         config._experts_implementation = "grouped_mm" if method == "bf16" else "batched_mm"
         return experts
-    from pymllm_fx.api import _quantize_own_experts
+    from pymllm_fx.api.quantize_model import _quantize_own_experts
     from pymllm_fx.methods.registry import resolve
 
     base, _, variant = method.partition("-")

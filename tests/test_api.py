@@ -55,7 +55,8 @@ def test_default_skip_leaves_the_whole_output_head_float():
 def test_a_checkpoint_is_read_once_and_each_experts_layer_built_once_on_meta(tmp_path, monkeypatch):
     """quantize(weights=) reads the headers once (checked, then loaded) and builds each experts layer
     once on meta (the dry run whose layers the headers are checked against)."""
-    import pymllm_fx.api as api
+    import pymllm_fx.api.plan as plan
+    import pymllm_fx.api.quantize_model as quantize_model
 
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def test_a_checkpoint_is_read_once_and_each_experts_layer_built_once_on_meta(tmp
                                         num_local_experts=4, num_experts_per_tok=2)
     transformers.MixtralForCausalLM(config).save_pretrained(tmp_path)
     calls = {"headers": 0, "meta experts": 0}
-    read, build = api.checkpoint_tensors, api._build_experts
+    read, build = quantize_model.checkpoint_tensors, plan._build_experts
 
     def counted_read(path):
         calls["headers"] += 1
@@ -74,8 +75,8 @@ def test_a_checkpoint_is_read_once_and_each_experts_layer_built_once_on_meta(tmp
         calls["meta experts"] += str(device) == "meta"
         return build(path, module, method, device, *args)
 
-    monkeypatch.setattr(api, "checkpoint_tensors", counted_read)
-    monkeypatch.setattr(api, "_build_experts", counted_build)
+    monkeypatch.setattr(quantize_model, "checkpoint_tensors", counted_read)  # quantize reads the headers
+    monkeypatch.setattr(plan, "_build_experts", counted_build)  # _plan_experts builds on meta
     model = transformers.MixtralForCausalLM(config).eval()
     with pytest.warns(UserWarning):  # the routers' weights stay float
         pymllm_fx.quantize(model, "int8", weights=tmp_path, progress=False)

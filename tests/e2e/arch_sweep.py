@@ -885,7 +885,7 @@ def _all_params(model) -> Dict[int, Tuple[str, ...]]:
 @contextlib.contextmanager
 def _record_find_linears(sink: Dict[str, Any]):
     """Keep the sites quantize's find_linears returns, and its fallback warning, for the record."""
-    import pymllm_fx.api as api
+    import pymllm_fx.api.quantize_model as api  # the module whose quantize looks find_linears up
 
     original = api.find_linears
 

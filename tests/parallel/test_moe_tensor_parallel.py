@@ -79,7 +79,8 @@ def test_experts_split_over_two_ranks_match_one_rank(backend, world):
 def test_expert_shards_sum_to_the_whole_layer(arch):
     """Each rank's FusedMoE (no process group: the partial sums are added here) over the shards that
     ``own_expert_tensors`` cuts: gate and up halves, or interleaved pairs, and down's columns."""
-    from pymllm_fx.api import TensorParallel, _quantize_own_experts
+    from pymllm_fx.api import TensorParallel
+    from pymllm_fx.api.quantize_model import _quantize_own_experts
     from pymllm_fx.methods.registry import resolve
 
     method = resolve({"quant_method": "int4", "group_size": 32})
