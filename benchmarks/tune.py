@@ -1,10 +1,11 @@
 """Sweep the Triton kernels' block shapes on the GPU at the Llama-3-8B linear shapes; print the best
 per (kernel, shape, M) against bf16 cuBLAS and write every timing to JSON. For w4a16: the decode
 GEMV's shapes at M = 1, the tensor-core kernel's (BLOCK_N, BLOCK_K, SPLIT warps on K, stages,
-SPLIT_K programs on K) at every M, and dequantize-then-cuBLAS from M = 64.
+SPLIT_K programs on K) at every M, and dequantize-then-cuBLAS from M = 64. For w8a8: its decode GEMV
+(fused quantization or the row quantizer's output) up to M = 8 and its int8 tensor-core GEMM.
 
 The winners become the config tables in ``pymllm_fx/kernels/*.py``. Usage (on a CUDA machine):
-    pip install -e . && python benchmarks/tune.py --json benchmarks/results/tune.json [--families w4a16,w8a16,fp8]
+    pip install -e . && python benchmarks/tune.py --json benchmarks/results/tune.json [--families w4a16,w8a16,fp8,w8a8]
 """
 
 import argparse
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules; pymllm_fx is installed
 
 from timing import copies_for, copy_bandwidth_gbs, graph_time_us  # noqa: E402
-from pymllm_fx.kernels import fp8_w8a8, w4a16, w8a16  # noqa: E402
+from pymllm_fx.kernels import fp8_w8a8, w4a16, w8a8, w8a16  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]  # (K, N)
 MS = [1, 8, 32, 128, 1024, 4096]
@@ -46,6 +47,12 @@ def make_w8(n, k, device):
         qweight=torch.randint(-128, 128, (n, k), device=device, dtype=torch.int8),
         scales=(torch.rand(n, device=device) * 0.02).to(torch.bfloat16),
     )
+
+
+def make_a8(n, k, device):
+    """W8A8 int8: int8 codes with float32 per-channel scales (the op's dtypes)."""
+    w = make_w8(n, k, device)
+    return dict(qweight=w["qweight"], scales=w["scales"].float())
 
 
 def make_fp8(n, k, device):
@@ -119,6 +126,18 @@ def family_paths(family, m):
         if m >= 64:
             paths.append(("dequant+cublas", None, deq))
         return paths, ref
+    elif family == "w8a8":  # no dequantize path: the int8 tensor cores are the point
+        def gemv(x, w, c):
+            return w8a8.w8a8_gemv(x, w["qweight"], w["scales"], None, None, None, None, c)
+
+        def gemm(x, w, c):
+            return w8a8.w8a8_gemm(x, w["qweight"], w["scales"], None, None, None, None, c)
+
+        ref = lambda x, w: w8a8.w8a8_reference(x, w["qweight"], w["scales"])  # noqa: E731
+        paths = [("gemm", c, gemm) for c in gemm_candidates(m, family)]
+        if m <= 8:  # the decode GEMV, quantizing in every program or reading the row quantizer's output
+            paths = [("gemv", dict(base, PREQUANT=pre), gemv) for base in GEMV_BASE for pre in (False, True)] + paths
+        return paths, ref
     elif family == "w8a16":
         gemv = lambda x, w, c: w8a16.w8a16_gemv(x, w["qweight"], w["scales"], None, c)  # noqa: E731
         gemm = lambda x, w, c: w8a16.w8a16_gemm(x, w["qweight"], w["scales"], None, c)  # noqa: E731
@@ -153,11 +172,11 @@ def main():
     bw = copy_bandwidth_gbs()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s", flush=True)
     results = dict(device=torch.cuda.get_device_name(), copy_gbs=bw, torch=torch.__version__, rows=[])
-    makers = dict(w4a16=make_w4, w8a16=make_w8, fp8=make_fp8)
+    makers = dict(w4a16=make_w4, w8a16=make_w8, fp8=make_fp8, w8a8=make_a8)
     bf16_us = {}
     summary = []
     families = args.families.split(",")
-    budgets = dict(w4a16=0.55, w8a16=0.2, fp8=0.25)
+    budgets = dict(w4a16=0.55, w8a16=0.2, fp8=0.25, w8a8=0.25)
     for family in families:
         family_t0 = time.time()
         share = budgets[family] / sum(budgets[f] for f in families) * args.budget_s
