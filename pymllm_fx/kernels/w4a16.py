@@ -321,7 +321,6 @@ def _w4a16_kernel(
         x_ptrs = x_ptr + offs_m[None, :] * stride_xm + xcol[:, None]
         x_mask = (offs_m < M)[None, :]
         xs_ptrs = xs_ptr + offs_m[None, :] * steps_k
-        xs_mask = x_mask
         s_offs = rows * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
@@ -329,7 +328,6 @@ def _w4a16_kernel(
         x_ptrs = x_ptr + offs_m[None, None, :] * stride_xm + (offs_s * k_slice)[:, None, None] + xcol[None, :, None]
         x_mask = (offs_m < M)[None, None, :]
         xs_ptrs = xs_ptr + offs_m[None, None, :] * steps_k
-        xs_mask = x_mask
         s_offs = rows[None, :] * stride_sn
         acc = tl.zeros((SPLIT, BLOCK_N, BLOCK_M), tl.float32)
     for b in range(0, k_slice // BLOCK_K):
@@ -342,9 +340,9 @@ def _w4a16_kernel(
         s, z = _group_params(s_ptr, z_ptr, s_offs, kq // GROUP, HAS_ZEROS)
         xs = 0.0
         if XSUMS and SPLIT == 1:  # (1, BLOCK_M): this step's sum of each activation row
-            xs = tl.load(xs_ptrs + kq // BLOCK_K, mask=xs_mask, other=0.0)
+            xs = tl.load(xs_ptrs + kq // BLOCK_K, mask=x_mask, other=0.0)
         elif XSUMS:  # (SPLIT, 1, BLOCK_M)
-            xs = tl.load(xs_ptrs + tl.expand_dims(kq // BLOCK_K, -1), mask=xs_mask, other=0.0)
+            xs = tl.load(xs_ptrs + tl.expand_dims(kq // BLOCK_K, -1), mask=x_mask, other=0.0)
         acc = _tile_step(acc, q, x_ptrs + k0, x_mask, xs, tl.expand_dims(s, -1), tl.expand_dims(z, -1), s_ptr,
                          z_ptr, s_offs, kq, GROUP, HAS_ZEROS, SCALE_IN, DTYPE, ASM, DOT_F32, XSUMS)
     if SPLIT == 1:
