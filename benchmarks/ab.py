@@ -21,7 +21,6 @@ jobs are separated by ``;``. Specs (``/``-separated integers after the colon):
 """
 import argparse
 import functools
-import importlib.util
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules; pymllm_fx is installed
 
+from common import load_kernel_file  # noqa: E402
 from timing import copies_for, copy_bandwidth_gbs, graph_time_us  # noqa: E402
 from tune import GROUP as G, make_fp8, make_w4, make_w8, rel_err  # noqa: E402
 from pymllm_fx.kernels import fp8_w8a8, w4a16, w8a8, w8a16  # noqa: E402
@@ -49,16 +49,8 @@ MAKERS = {"w4": make_w4, "w8": make_w8, "f8": make_fp8, "a8": make_a8}
 
 @functools.lru_cache(maxsize=None)
 def _old(name):
-    """The kernel file ``name`` from --old-dir, cut before its op registration (which would clash)."""
-    src = open(os.path.join(OLD_DIR, name + ".py")).read()
-    src = src[:src.index("@torch.library.triton_op")] if "@torch.library.triton_op" in src else src
-    path = os.path.join(OLD_DIR, "_ab_" + name + ".py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("_ab_" + name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The kernel file ``name`` from --old-dir, without its op registration."""
+    return load_kernel_file(os.path.join(OLD_DIR, name + ".py"), name)
 
 
 def fn(spec):

@@ -20,6 +20,21 @@ from torch import nn
 GiB = float(1 << 30)
 
 
+def load_kernel_file(path: str, name: str):
+    """An older copy of a ``pymllm_fx/kernels`` file as a module, cut before its op registration
+    (which would clash with the installed op): its kernels and launchers, for same-run A/Bs."""
+    import importlib.util
+
+    src = Path(path).read_text()
+    marker = "@torch.library.triton_op"
+    cut = Path(path).with_name(f"_cut_{name}.py")
+    cut.write_text(src[:src.index(marker)] if marker in src else src)
+    spec = importlib.util.spec_from_file_location(f"_cut_{name}", cut)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def sync(device: torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -20,95 +20,78 @@ from triton.compiler import ASTSource
 
 from pymllm_fx.kernels import w4a16
 
-POINTERS = ("x_ptr", "s_ptr", "z_ptr", "bias_ptr")
-INTS = ("M", "N", "K", "stride_xm", "stride_qn", "stride_sn", "stride_om", "k_slice", "k_slice_q", "steps_k")
 PTX_OPS = ("mma.sync", "wgmma.mma_async", "ldmatrix", "st.shared", "ld.shared", "lop3", "cvt", "ld.global",
            "cp.async", "shfl", "bar.sync")
 
 
-def compile_gemv(config: dict, capability: int = 90):
-    """The decode GEMV (``_w4a16_gemv_kernel``) with the JIT's alignment at the Llama shapes."""
-    kernel = w4a16._w4a16_gemv_kernel
-    config = dict(config)
-    options = dict(num_warps=config.pop("num_warps", 4), num_stages=config.pop("num_stages", 3))
-    constexprs = dict(GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, ASM=True, PREFETCH=True, BLOCK_N=16, TILES=16)
-    constexprs.update(config)
+def _compile(kernel, constexprs: dict, options: dict, pointers: dict, capability: int):
+    """``kernel`` for sm_``capability``: arguments named in ``constexprs`` are constants, ``*_ptr``
+    arguments pointers (bf16 unless ``pointers`` says otherwise), the rest int32. Alignment as the JIT
+    infers it at the Llama shapes: every pointer 16-byte aligned, every int but M (the activation
+    rows) a multiple of 16; without it every load compiles to 2-byte scalar loads."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*i32" if name == "q_ptr" else "*bf16"
+            signature[name] = pointers.get(name, "*bf16")
         else:
             signature[name] = "i32"
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-             for name in signature if signature[name] != "constexpr"}
-    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-    weights = constexprs["BLOCK_N"] * constexprs["TILES"] * 64 / (32 * options["num_warps"])
-    return compiled, weights
-
-
-def compile_kernel(config: dict, capability: int = 90):
-    kernel = w4a16._w4a16_kernel
-    config = dict(config)
-    options = dict(num_warps=config.pop("num_warps", 4), num_stages=config.pop("num_stages", 3))
-    constexprs = dict(GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, SCALE_IN=False, ASM=True, DOT_F32=False, SPLIT=1,
-                      SPLIT_K=1, XSUMS=False)
-    constexprs.update(config)
-    if constexprs["GROUP"] >= 64:  # as the launcher fits it: one step lies in one group
-        constexprs["BLOCK_K"] = min(constexprs.get("BLOCK_K", 128), constexprs["GROUP"])
-    if constexprs["SPLIT"] > 1:
-        options["num_warps"] = constexprs["SPLIT"]  # as the launcher does
-    signature = {}
-    for name in kernel.arg_names:
-        if name in POINTERS:
-            signature[name] = "*bf16"
-        elif name == "out_ptr":
-            signature[name] = "*bf16" if constexprs["SPLIT_K"] == 1 else "*fp32"
-        elif name == "q_ptr":
-            signature[name] = "*i32"
-        elif name == "xs_ptr":
-            signature[name] = "*fp32"
-        elif name in INTS:
-            signature[name] = "i32"
-        else:
-            signature[name] = "constexpr"
-    # What the JIT infers at the Llama shapes: every pointer 16-byte aligned, every int argument but M
-    # (the activation rows) a multiple of 16; without it every load compiles to 2-byte scalar loads.
-    aligned = [name for name in signature if signature[name] != "constexpr" and name != "M"]
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+             for name, kind in signature.items() if kind != "constexpr" and name != "M"}
     source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
-def disassemble(cubin: bytes) -> str:
-    """SASS of a cubin, through the nvdisasm that Triton's wheel ships."""
+def compile_gemv(config: dict, capability: int = 90):
+    """The decode GEMV (``_w4a16_gemv_kernel``), and the weights a thread takes a step."""
+    config = dict(config)
+    options = dict(num_warps=config.pop("num_warps", 4), num_stages=config.pop("num_stages", 3))
+    constexprs = dict(GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, ASM=True, PREFETCH=True, BLOCK_N=16, TILES=16)
+    constexprs.update(config)
+    compiled = _compile(w4a16._w4a16_gemv_kernel, constexprs, options, {"q_ptr": "*i32"}, capability)
+    weights = constexprs["BLOCK_N"] * constexprs["TILES"] * 64 / (32 * options["num_warps"])
+    return compiled, weights
+
+
+def compile_kernel(config: dict, capability: int = 90):
+    """The tensor-core kernel (``_w4a16_kernel``), its config fitted as the launcher fits it."""
+    config = dict(config)
+    options = dict(num_warps=config.pop("num_warps", 4), num_stages=config.pop("num_stages", 3))
+    constexprs = dict(GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, SCALE_IN=False, ASM=True, DOT_F32=False, SPLIT=1,
+                      SPLIT_K=1, XSUMS=False, BLOCK_M=8, BLOCK_N=64, BLOCK_K=128)
+    constexprs.update(config)
+    if constexprs["GROUP"] >= 64:  # one step lies in one group
+        constexprs["BLOCK_K"] = min(constexprs["BLOCK_K"], constexprs["GROUP"])
+    if constexprs["SPLIT"] > 1:
+        options["num_warps"] = constexprs["SPLIT"]
+    pointers = {"q_ptr": "*i32", "xs_ptr": "*fp32", "out_ptr": "*bf16" if constexprs["SPLIT_K"] == 1 else "*fp32"}
+    return _compile(w4a16._w4a16_kernel, constexprs, options, pointers, capability)
+
+
+def _run_tool(tool: str, args: list, cubin: bytes) -> str:
+    """The stdout of one of the CUDA tools Triton's wheel ships (nvdisasm, cuobjdump) on ``cubin``."""
     import os
     import subprocess
     import tempfile
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([tool, "-c", "-hex", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([path, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(cubin: bytes) -> str:
+    return _run_tool("nvdisasm", ["-c", "-hex"], cubin)
 
 
 def resource_usage(cubin: bytes) -> str:
-    """Registers a thread and spill bytes, from the cuobjdump that Triton's wheel ships."""
-    import os
+    """Registers a thread and stack bytes (spills), from cuobjdump."""
     import re
-    import subprocess
-    import tempfile
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    text = _run_tool("cuobjdump", ["--dump-resource-usage"], cubin)
     regs = re.search(r"REG:(\d+)", text)
     stack = re.search(r"STACK:(\d+)", text)
     return f"{regs.group(1) if regs else '?'} registers a thread, stack {stack.group(1) if stack else '?'} B"
