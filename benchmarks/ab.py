@@ -12,6 +12,7 @@ jobs are separated by ``;``. Specs (``/``-separated integers after the colon):
     fp8:BN/BK/warps                                fp8 GEMV at one config
     a8, a8gemv:BN/BK/warps/PREQUANT                W8A8 int8: the op's choice; its GEMV at one config
                                                    (PREQUANT 1: the row quantizer's int8 output)
+    a8gemm:BM/BN/BK/warps/stages                   W8A8 int8: the row quantizer + its GEMM at one config
     deq_old, deqonly_old, mma_old:..., w4_old, w8_old, fp8_old   the same from --old-dir
 
 ``--old-dir`` holds the previous kernel files (w4a16.py, w8a16.py, fp8_w8a8.py), e.g. from
@@ -105,6 +106,9 @@ def fn(spec):
     if kind == "a8gemv":  # BN/BK/warps/PREQUANT
         cfg = dict(BLOCK_N=v[0], BLOCK_K=v[1], num_warps=v[2], PREQUANT=bool(v[3]))
         return "a8", lambda x, w: w8a8.w8a8_gemv(x, w["qweight"], w["scales"], None, None, None, None, dict(cfg))
+    if kind == "a8gemm":  # BM/BN/BK/warps/stages: the row quantizer and the int8 GEMM at one config
+        cfg = dict(BLOCK_M=v[0], BLOCK_N=v[1], BLOCK_K=v[2], GROUP_M=8, num_warps=v[3], num_stages=v[4])
+        return "a8", lambda x, w: w8a8.w8a8_gemm(x, w["qweight"], w["scales"], None, None, None, None, dict(cfg))
     raise ValueError(f"unknown spec {spec!r}")
 
 

@@ -33,17 +33,20 @@ from pymllm_fx.kernels._triton import (
 from pymllm_fx.kernels.w8a16 import _int8_to_f32
 
 INT8_MIN, INT8_MAX = -128, 127
-_MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale (its codes are 0)
+_MIN_AMAX = 1.27e-10  # an all-zero row keeps a finite scale, about 1e-12 (its codes are 0)
 OP = "pymllm_fx.w8a8_linear"
 
 
 def quantize_int8_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(..., K)`` float -> (int8 ``(..., K)``, float32 scales ``(..., 1)``), one symmetric scale per row."""
     xf = x.float()
-    # A tensor divisor: CUDA divides by a Python number as a multiply by its reciprocal (1 ulp off
-    # IEEE division, which the kernels and vLLM's CUDA quantizer use)
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / xf.new_tensor(float(INT8_MAX))).clamp(min=_MIN_SCALE)
-    return torch.round(xf / scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8), scale
+    # Multiplied by 127 / amax, as vLLM's CUDA quantizer does (one multiply a value, not a division).
+    # Tensor operands: CUDA divides by a Python number as a multiply by its reciprocal (1 ulp off
+    # the IEEE division the kernels do).
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_AMAX)
+    int8_max = xf.new_tensor(float(INT8_MAX))
+    scale, inv_scale = amax / int8_max, int8_max / amax
+    return torch.round(xf * inv_scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8), scale
 
 
 def quantize_int8_static(
@@ -110,9 +113,10 @@ def w8a8_reference(
 
 
 # --- Triton kernels ----------------------------------------------------------------------------
-# Every kernel quantizes activations exactly as the reference does: amax / 127 and x / s as IEEE
-# float32 divisions (tl.math.div_rn), round half to even, clamp, so Triton and the reference agree on the int8
-# values; the dots sum exact integers.
+# Every kernel quantizes activations exactly as the reference does: the scale amax / 127, a dynamic
+# row's values x * (127 / amax), a static one's x / s, every division IEEE float32 (tl.math.div_rn),
+# round half to even, clamp, so Triton and the reference agree on the int8 values; the dots sum
+# exact integers.
 
 # Round half to even on the GPU: one cvt.rni (what libdevice's rint is). The interpreter has no
 # libdevice, so its twin adds and subtracts 1.5 * 2**23, which leaves the float32 sum rounded to
@@ -122,18 +126,25 @@ _RINT = tl.constexpr("cvt.rni.f32.f32 $0, $1;")
 
 
 @triton.jit
-def _row_scale(x_row_ptr, K, BLOCK_K: tl.constexpr):
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        k = start + tl.arange(0, BLOCK_K)
+def _row_amax(x_row_ptr, K, ROW_BLOCK: tl.constexpr):
+    """A row's largest magnitude (floored). ROW_BLOCK spans the whole row up to 8192 features: each
+    step is a round trip to memory, and a decode launch waits on all of them before its first weight."""
+    amax = tl.zeros((ROW_BLOCK,), dtype=tl.float32)
+    for start in range(0, K, ROW_BLOCK):
+        k = start + tl.arange(0, ROW_BLOCK)
         amax = tl.maximum(amax, tl.abs(tl.load(x_row_ptr + k, mask=k < K, other=0.0).to(tl.float32)))
-    return tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-12)
+    return tl.maximum(tl.max(amax, axis=0), 1.27e-10)
 
 
 @triton.jit
-def _quantize(x, scale, zero, ASM: tl.constexpr):
-    """The int8 value of ``x`` as an integral float32 (exact, ready for a float product or a cast)."""
-    v = tl.clamp(tl.math.div_rn(x, scale), -256.0, 256.0)  # IEEE division as torch's (Triton's `/` is div.full, 2 ulp)
+def _quantize(x, scale, inv_scale, zero, STATIC: tl.constexpr, ASM: tl.constexpr):
+    """The int8 value of ``x`` as an integral float32 (exact, ready for a float product or a cast):
+    ``x * (127 / amax)`` for a dynamic row, ``x / scale`` (IEEE, as torch's) for a static scale."""
+    if STATIC:
+        v = tl.math.div_rn(x, scale)  # Triton's `/` is div.full (2 ulp)
+    else:
+        v = x * inv_scale
+    v = tl.clamp(v, -256.0, 256.0)
     if ASM:
         v = tl.inline_asm_elementwise(_RINT, "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
     else:
@@ -145,29 +156,41 @@ def _quantize(x, scale, zero, ASM: tl.constexpr):
 def _w8a8_quantize_rows_kernel(
     x_ptr, xq_ptr, scale_ptr, in_scale_ptr, in_zero_ptr, K, stride_xm,
     STATIC: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
-    """One program per row: its scale (dynamic) or the given one, then its int8 values."""
+    """One program per row: its scale (dynamic) or the given one, then its int8 values. ONE_PASS
+    (the row fits one BLOCK_K): one load, kept in registers for both the scale and the values."""
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
+    zero = tl.load(in_zero_ptr).to(tl.float32) if HAS_ZERO else 0.0
+    if ONE_PASS:
+        k = tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1.27e-10)
+    else:
+        amax = _row_amax(x_row, K, BLOCK_K)
     if STATIC:
         scale = tl.load(in_scale_ptr)
     else:
-        scale = _row_scale(x_row, K, BLOCK_K)
+        scale = tl.math.div_rn(amax, 127.0)
         tl.store(scale_ptr + row, scale)
-    zero = tl.load(in_zero_ptr).to(tl.float32) if HAS_ZERO else 0.0
-    for start in range(0, K, BLOCK_K):
-        k = start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        tl.store(xq_ptr + row * K + k, _quantize(x, scale, zero, ASM).to(tl.int8), mask=k < K)
+    inv_scale = tl.math.div_rn(127.0, amax)
+    if ONE_PASS:
+        tl.store(xq_ptr + row * K + k, _quantize(x, scale, inv_scale, zero, STATIC, ASM).to(tl.int8), mask=k < K)
+    else:
+        for start in range(0, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+            tl.store(xq_ptr + row * K + k, _quantize(x, scale, inv_scale, zero, STATIC, ASM).to(tl.int8), mask=k < K)
 
 
 @triton.jit
-def _activations(x_row, k, scale, zero, PREQUANT: tl.constexpr, ASM: tl.constexpr):
+def _activations(x_row, k, scale, inv_scale, zero, STATIC: tl.constexpr, PREQUANT: tl.constexpr, ASM: tl.constexpr):
     """The int8 values of the activations at ``x_row + k`` as integral float32: loaded from the
     row quantizer's output (PREQUANT), or quantized here."""
     if PREQUANT:
         return _int8_to_f32(tl.load(x_row + k), ASM)
-    return _quantize(tl.load(x_row + k).to(tl.float32), scale, zero, ASM)
+    return _quantize(tl.load(x_row + k).to(tl.float32), scale, inv_scale, zero, STATIC, ASM)
 
 
 @triton.jit
@@ -175,6 +198,7 @@ def _w8a8_gemv_kernel(
     x_ptr, in_scale_ptr, in_zero_ptr, w_ptr, w_scale_ptr, w_sums_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_om,
     stride_xs, STATIC: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, PREQUANT: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
 ):
     """Decode path on CUDA cores. Fused (one launch): each program finds its row's scale (the row
     is a few KB, read from L2), then quantizes its chunks of x as it streams weights. PREQUANT:
@@ -188,8 +212,11 @@ def _w8a8_gemv_kernel(
     x_row = x_ptr + row * stride_xm
     if STATIC or PREQUANT:
         scale = tl.load(in_scale_ptr + row * stride_xs)
+        inv_scale = scale  # unread
     else:
-        scale = _row_scale(x_row, K, BLOCK_K)
+        amax = _row_amax(x_row, K, ROW_BLOCK)
+        scale = tl.math.div_rn(amax, 127.0)
+        inv_scale = tl.math.div_rn(127.0, amax)
     zero = tl.load(in_zero_ptr).to(tl.float32) if HAS_ZERO else 0.0
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)
@@ -198,7 +225,7 @@ def _w8a8_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     full = K // BLOCK_K
     for b in range(0, full):
-        xq = _activations(x_row, b * BLOCK_K + offs_k, scale, zero, PREQUANT, ASM)
+        xq = _activations(x_row, b * BLOCK_K + offs_k, scale, inv_scale, zero, STATIC, PREQUANT, ASM)
         acc += _int8_to_f32(tl.load(w_ptrs + b * BLOCK_K), ASM) * xq[None, :]
     if not EVEN_K:
         k_ok = full * BLOCK_K + offs_k < K
@@ -206,7 +233,7 @@ def _w8a8_gemv_kernel(
         if PREQUANT:
             xq = _int8_to_f32(x, ASM)
         else:  # a zero point would make the padding non-zero
-            xq = tl.where(k_ok, _quantize(x.to(tl.float32), scale, zero, ASM), 0.0)
+            xq = tl.where(k_ok, _quantize(x.to(tl.float32), scale, inv_scale, zero, STATIC, ASM), 0.0)
         w = tl.load(w_ptrs + full * BLOCK_K, mask=k_ok[None, :] & (rows[:, None] >= 0), other=0)
         acc += _int8_to_f32(w, ASM) * xq[None, :]
     dot = tl.sum(acc, axis=1)
@@ -243,39 +270,50 @@ def _w8a8_gemm_kernel(
     store_tile(out_ptr, out, bias_ptr, offs_m, offs_n, m_ok, n_ok, stride_om, HAS_BIAS)
 
 
-# Paths by M: the fused GEMV for decode, else the row quantizer and the int8 GEMM. Block shapes
-# start from the fp8 GEMM's (same operand bytes, same tensor-core rate on Hopper); not yet tuned.
+# Paths by M: the fused GEMV for decode, else the row quantizer and the int8 GEMM; one row over
+# DECODE_GEMM_MIN_N outputs also takes the GEMM (H200, 4096x28672: 34.6 us against the GEMV's 48.5).
+# Block shapes from benchmarks/tune.py and benchmarks/ab.py on the H200 (benchmarks/NOTES_w4a16.md).
 GEMV_MAX_M = 1
+DECODE_GEMM_MIN_N = 16384
 
 
 def _gemm_config(m: int) -> dict:
     if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=5)
     if m <= 64:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def w8a8_quantize_rows(x2, input_scale=None, input_zero_point=None, block_k: int = 1024, asm: bool = True):
+# Rows up to this many features are quantized from one load (registers), longer ones in steps.
+ROW_BLOCK_MAX = 8192
+
+
+def _row_block(k: int) -> int:
+    return min(triton.next_power_of_2(k), ROW_BLOCK_MAX)
+
+
+def w8a8_quantize_rows(x2, input_scale=None, input_zero_point=None, block_k: Optional[int] = None, asm: bool = True):
     """``(M, K)`` -> (int8 ``(M, K)``, float32 scales: ``(M, 1)`` dynamic, or ``input_scale``) in one launch."""
     from torch.library import wrap_triton
 
     m, k = x2.shape
+    block_k = min(block_k, triton.next_power_of_2(k)) if block_k else _row_block(k)
     xq = torch.empty((m, k), device=x2.device, dtype=torch.int8)
     static = input_scale is not None
     scale = input_scale if static else torch.empty((m, 1), device=x2.device, dtype=torch.float32)
     wrap_triton(_w8a8_quantize_rows_kernel)[(m,)](
         x2, xq, scale, scale, input_zero_point if input_zero_point is not None else scale, k, x2.stride(0),
-        STATIC=static, HAS_ZERO=input_zero_point is not None, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
-        ASM=asm and not INTERPRET,
+        STATIC=static, HAS_ZERO=input_zero_point is not None, BLOCK_K=block_k, ASM=asm and not INTERPRET,
+        ONE_PASS=k <= block_k, num_warps=8 if block_k >= 4096 else 4,
     )
     return xq, scale
 
 
-# The decode GEMV quantizes the activations in every program (PREQUANT False: one launch, but each
-# activation's IEEE division is repeated by every program, which serves only 8-16 weight rows), or
-# takes them from the row quantizer (True: two launches). The first H200 timing (fused) ran M = 1 at
-# 0.95x bf16, against 1.77x for the weight-only int8 GEMV; True is the variant to time against it.
+# The decode GEMV quantizes the activations in every program (PREQUANT False: one launch, one
+# multiply a value in every program), or takes them from the row quantizer (True: two launches).
+# On the H200 the fused one won at 3 of the 4 Llama-3-8B shapes once the row's scale came from one
+# load and the division became a multiply (4096x4096: 8.6 against 9.4 us).
 GEMV_PREQUANT = False
 
 
@@ -300,7 +338,7 @@ def w8a8_gemv(x2, qweight, weight_scale, input_scale, input_zero_point, weight_s
         weight_sums if weight_sums is not None else anything, bias if bias is not None else anything, out,
         n, k, x2.stride(0), out.stride(0), stride_xs,
         STATIC=input_scale is not None, HAS_ZERO=input_zero_point is not None, HAS_BIAS=bias is not None,
-        EVEN_K=k % cfg["BLOCK_K"] == 0, ASM=asm, PREQUANT=prequant, **cfg,
+        EVEN_K=k % cfg["BLOCK_K"] == 0, ASM=asm, PREQUANT=prequant, ROW_BLOCK=_row_block(k), **cfg,
     )
     return out
 
@@ -330,7 +368,8 @@ def w8a8_triton(x, qweight, weight_scale, input_scale, input_zero_point, weight_
     """The GPU path of the op, chosen by M (activation rows)."""
     x2 = as_rows(x)
     args = (qweight, weight_scale, input_scale, input_zero_point, weight_sums, bias)
-    out = w8a8_gemv(x2, *args) if x2.shape[0] <= GEMV_MAX_M else w8a8_gemm(x2, *args)
+    gemv = x2.shape[0] <= GEMV_MAX_M and qweight.shape[0] < DECODE_GEMM_MIN_N
+    out = w8a8_gemv(x2, *args) if gemv else w8a8_gemm(x2, *args)
     return out.reshape(*x.shape[:-1], qweight.shape[0])
 
 

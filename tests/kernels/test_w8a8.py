@@ -254,6 +254,8 @@ def test_kernels_match_reference(m, n, k, act, dtype):
     else:
         ref_q = quantize_int8_static(x, s, z)
     assert torch.equal(xq, ref_q)
+    one_pass_q, one_pass_scale = w8a8.w8a8_quantize_rows(x, s, z)  # the whole row from one load
+    assert torch.equal(one_pass_q, ref_q) and torch.equal(one_pass_scale, x_scale)
     for cfg in GEMV_CFGS:  # one program column per row, the quantization fused (two rows are enough)
         out = w8a8.w8a8_gemv(x[:2], qweight, wscale, s, z, sums, bias, dict(cfg))
         assert out.dtype == dtype and rel_err(out, ref[:2]) <= REL_TOL[dtype], cfg
@@ -262,6 +264,34 @@ def test_kernels_match_reference(m, n, k, act, dtype):
         assert out.dtype == dtype and rel_err(out, ref) <= REL_TOL[dtype], cfg
         if dtype == torch.float32 and not CUDA:  # integer sums, the same float32 epilogue (no FMA here)
             assert torch.equal(out, ref), cfg
+
+
+@needs_triton
+def test_row_scale_over_several_steps(monkeypatch):
+    """Rows longer than ROW_BLOCK_MAX: the quantizer and the fused GEMV find the scale in steps."""
+    monkeypatch.setattr(w8a8, "ROW_BLOCK_MAX", 64)
+    seed("row-steps")
+    qweight, wscale = weights(24, 200, DEVICE)
+    x = activations((2,), 200, torch.float32, DEVICE)
+    x[1, 190] = 50.0  # the row's largest value sits in the last, partial step
+    ref_q, ref_scale = quantize_int8_per_token(x)
+    xq, x_scale = w8a8.w8a8_quantize_rows(x)
+    assert torch.equal(xq, ref_q) and torch.equal(x_scale, ref_scale)
+    out = w8a8.w8a8_gemv(x, qweight, wscale, None, None, None, None, dict(BLOCK_N=8, BLOCK_K=64, num_warps=4))
+    assert rel_err(out, w8a8_reference(x, qweight, wscale)) <= REL_TOL[torch.float32]
+
+
+@needs_triton
+def test_one_row_over_wide_outputs_takes_the_gemm(monkeypatch):
+    """Decode over DECODE_GEMM_MIN_N outputs or more runs the row quantizer and the GEMM."""
+    monkeypatch.setattr(w8a8, "DECODE_GEMM_MIN_N", 32)
+    calls = []
+    monkeypatch.setattr(w8a8, "w8a8_gemv", lambda *a: calls.append("gemv"))
+    seed("decode-gemm")
+    qweight, wscale = weights(40, 128, DEVICE)
+    x = activations((1,), 128, torch.float32, DEVICE)
+    out = w8a8.w8a8_triton(x, qweight, wscale, None, None, None, None)
+    assert not calls and rel_err(out, w8a8_reference(x, qweight, wscale)) <= REL_TOL[torch.float32]
 
 
 @needs_triton
