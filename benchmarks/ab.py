@@ -5,8 +5,6 @@ jobs are separated by ``;``. Specs (``/``-separated integers after the colon):
     deq:BN/TILES/warps  deqonly:BN/TILES/warps     int4 dequantize (+ cuBLAS, or alone: then GB/s)
     mma:BM/BN/BK/SPLIT/warps/stages/SPLIT_K        int4 tensor-core kernel at one config
     w4, w8                                         the op's own path choice
-    w4xs                                           the op's own choice, activation sums from a pre-pass
-    w4chunk:ROWS                                   int4 dequantize + cuBLAS in chunks of ROWS output rows
     w8gemv2:BN/BK/warps/ASM                        int8 GEMV at one config (ASM 0: Triton's I2F)
     w8dq:MIN                                       int8 op with its dequantize path from M = MIN
     fp8:BN/BK/warps                                fp8 GEMV at one config
@@ -76,16 +74,6 @@ def fn(spec):
     if kind in ("w4", "w4_old"):  # the op's own choice
         module = w4a16 if kind == "w4" else _old("w4a16")
         return "w4", lambda x, w: module.w4a16_triton(x, w["qweight"], w["scales"], w["zeros"], G, None)
-    if kind == "w4xs":
-        def w4xs(x, w):
-            w4a16.MMA_XSUMS = True
-            try:
-                return w4a16.w4a16_triton(x, w["qweight"], w["scales"], w["zeros"], G, None)
-            finally:
-                w4a16.MMA_XSUMS = False
-        return "w4", w4xs
-    if kind == "w4chunk":
-        return "w4", lambda x, w: w4a16.w4a16_dequant_linear(x, w["qweight"], w["scales"], w["zeros"], G, None, v[0])
     if kind in ("fp8", "fp8_old"):
         cfg = dict(BLOCK_N=v[0], BLOCK_K=v[1], num_warps=v[2]) if v else None
         module = fp8_w8a8 if kind == "fp8" else _old("fp8_w8a8")

@@ -60,13 +60,13 @@ def compile_kernel(config: dict, capability: int = 90):
     config = dict(config)
     options = dict(num_warps=config.pop("num_warps", 4), num_stages=config.pop("num_stages", 3))
     constexprs = dict(GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, SCALE_IN=False, ASM=True, DOT_F32=False, SPLIT=1,
-                      SPLIT_K=1, XSUMS=False, BLOCK_M=8, BLOCK_N=64, BLOCK_K=128)
+                      SPLIT_K=1, BLOCK_M=8, BLOCK_N=64, BLOCK_K=128)
     constexprs.update(config)
     if constexprs["GROUP"] >= 64:  # one step lies in one group
         constexprs["BLOCK_K"] = min(constexprs["BLOCK_K"], constexprs["GROUP"])
     if constexprs["SPLIT"] > 1:
         options["num_warps"] = constexprs["SPLIT"]
-    pointers = {"q_ptr": "*i32", "xs_ptr": "*fp32", "out_ptr": "*bf16" if constexprs["SPLIT_K"] == 1 else "*fp32"}
+    pointers = {"q_ptr": "*i32", "out_ptr": "*bf16" if constexprs["SPLIT_K"] == 1 else "*fp32"}
     return _compile(w4a16._w4a16_kernel, constexprs, options, pointers, capability)
 
 

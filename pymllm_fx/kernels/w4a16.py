@@ -215,9 +215,9 @@ def _group_params(s_ptr, z_ptr, offs, g, HAS_ZEROS: tl.constexpr):
 
 
 @triton.jit
-def _tile_step(acc, q, x_ptrs, x_mask, xs, s, z, s_ptr, z_ptr, s_offs, k0, GROUP: tl.constexpr,
+def _tile_step(acc, q, x_ptrs, x_mask, s, z, s_ptr, z_ptr, s_offs, k0, GROUP: tl.constexpr,
                HAS_ZEROS: tl.constexpr, SCALE_IN: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr,
-               DOT_F32: tl.constexpr, XSUMS: tl.constexpr):
+               DOT_F32: tl.constexpr):
     """One K step: the four quarters of the codes ``q`` times the activations at ``x_ptrs`` (the
     first quarter's; quarter j is 16 features on). ``s``, ``z``: the step's group parameters, with
     an added trailing axis; with groups under 64 features (SCALE_IN) they are loaded per quarter
@@ -246,7 +246,8 @@ def _tile_step(acc, q, x_ptrs, x_mask, xs, s, z, s_ptr, z_ptr, s_offs, k0, GROUP
     else:  # MAGIC + code into the dot; the zero point and scale onto its float32 result
         # sum((MAGIC + c) x) - (MAGIC + z) sum(x) = sum((c - z) x). The activation sums come from
         # the same tensor cores (a dot with ones, in the accumulator's layout), so nothing waits
-        # for the group parameters before the step's dots.
+        # for the group parameters before the step's dots. (Sums from a pre-pass instead, with
+        # 18 % fewer instructions a step, ran slower at every M on the H200: NOTES_w4a16.md.)
         zero = tl.zeros(acc.shape, tl.float32)
         ones = tl.full(q.shape, 1.0, DTYPE)
         x0 = tl.load(x_ptrs, mask=x_mask, other=0.0)
@@ -257,13 +258,10 @@ def _tile_step(acc, q, x_ptrs, x_mask, xs, s, z, s_ptr, z_ptr, s_offs, k0, GROUP
         part = _dot(_raw_nibbles(q, 1, DTYPE, ASM), x1, part, DOT_F32)
         part = _dot(_raw_nibbles(q, 2, DTYPE, ASM), x2, part, DOT_F32)
         part = _dot(_raw_nibbles(q, 3, DTYPE, ASM), x3, part, DOT_F32)
-        if XSUMS:  # the step's activation sums, from the launcher's pre-pass
-            sums = xs
-        else:
-            sums = _dot(ones, x0, zero, DOT_F32)
-            sums = _dot(ones, x1, sums, DOT_F32)
-            sums = _dot(ones, x2, sums, DOT_F32)
-            sums = _dot(ones, x3, sums, DOT_F32)
+        sums = _dot(ones, x0, zero, DOT_F32)
+        sums = _dot(ones, x1, sums, DOT_F32)
+        sums = _dot(ones, x2, sums, DOT_F32)
+        sums = _dot(ones, x3, sums, DOT_F32)
         magic = 1024.0 if DTYPE == tl.float16 else 128.0
         acc += (part - (z + magic) * sums) * s
     return acc
@@ -280,12 +278,11 @@ def _store_transposed(out_ptr, acc, bias_ptr, offs_n, offs_m, N, M, stride_om, H
 
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, xs_ptr,
-    M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_slice, k_slice_q, steps_k,
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_slice, k_slice_q,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_K: tl.constexpr, SCALE_IN: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr,
-    XSUMS: tl.constexpr,
 ):
     """``out = x @ W.T``; K is cut into ``SPLIT_K * SPLIT`` slices of ``k_slice`` features
     (``k_slice_q = k_slice // 4`` int16 per row), each a multiple of BLOCK_K (a multiple of 64).
@@ -320,14 +317,12 @@ def _w4a16_kernel(
         q_ptrs = q16 + rows[:, None] * stride_qn + offs_c[None, :]
         x_ptrs = x_ptr + offs_m[None, :] * stride_xm + xcol[:, None]
         x_mask = (offs_m < M)[None, :]
-        xs_ptrs = xs_ptr + offs_m[None, :] * steps_k
         s_offs = rows * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         q_ptrs = q16 + rows[None, :, None] * stride_qn + (offs_s * k_slice_q)[:, None, None] + offs_c[None, None, :]
         x_ptrs = x_ptr + offs_m[None, None, :] * stride_xm + (offs_s * k_slice)[:, None, None] + xcol[None, :, None]
         x_mask = (offs_m < M)[None, None, :]
-        xs_ptrs = xs_ptr + offs_m[None, None, :] * steps_k
         s_offs = rows[None, :] * stride_sn
         acc = tl.zeros((SPLIT, BLOCK_N, BLOCK_M), tl.float32)
     for b in range(0, k_slice // BLOCK_K):
@@ -338,13 +333,8 @@ def _w4a16_kernel(
         else:
             kq = (k0 + offs_s * k_slice)[:, None]
         s, z = _group_params(s_ptr, z_ptr, s_offs, kq // GROUP, HAS_ZEROS)
-        xs = 0.0
-        if XSUMS and SPLIT == 1:  # (1, BLOCK_M): this step's sum of each activation row
-            xs = tl.load(xs_ptrs + kq // BLOCK_K, mask=x_mask, other=0.0)
-        elif XSUMS:  # (SPLIT, 1, BLOCK_M)
-            xs = tl.load(xs_ptrs + tl.expand_dims(kq // BLOCK_K, -1), mask=x_mask, other=0.0)
-        acc = _tile_step(acc, q, x_ptrs + k0, x_mask, xs, tl.expand_dims(s, -1), tl.expand_dims(z, -1), s_ptr,
-                         z_ptr, s_offs, kq, GROUP, HAS_ZEROS, SCALE_IN, DTYPE, ASM, DOT_F32, XSUMS)
+        acc = _tile_step(acc, q, x_ptrs + k0, x_mask, tl.expand_dims(s, -1), tl.expand_dims(z, -1), s_ptr,
+                         z_ptr, s_offs, kq, GROUP, HAS_ZEROS, SCALE_IN, DTYPE, ASM, DOT_F32)
     if SPLIT == 1:
         out = acc
     else:
@@ -521,21 +511,13 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> di
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, SPLIT=1, SPLIT_K=4, num_warps=8, num_stages=3)
 
 
-# The magic-offset form needs each step's activation sums. By default they come from four more dots
-# (with a tile of ones); MMA_XSUMS takes them from a pre-pass over the activations instead. Read
-# from the compiled wgmma kernel (benchmarks/compiled_w4a16.py), the dots with ones cost a wait on
-# the tensor cores each and 32 instructions a step to rebuild the ones: an A/B to time.
-MMA_XSUMS = False
-
-
 def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
     """``(M, K) -> (M, N)`` on the tensor-core kernel (``fast_path_ok`` must hold)."""
     from torch.library import wrap_triton
 
     m, k = x2.shape
     n = qweight.shape[0]
-    cfg = {"SCALE_IN": False, "SPLIT": 1, "SPLIT_K": 1, "XSUMS": MMA_XSUMS,
-           **(config or _config(m, n, k, group_size, x2.device))}
+    cfg = {"SCALE_IN": False, "SPLIT": 1, "SPLIT_K": 1, **(config or _config(m, n, k, group_size, x2.device))}
     if cfg["SPLIT"] > 1:  # Triton puts the warps on the batch axis first: one warp per K slice, none idle or doubled
         cfg["num_warps"] = cfg["SPLIT"]
     while cfg["SPLIT_K"] > 1 and k % (cfg["SPLIT_K"] * cfg["SPLIT"] * TILE):
@@ -546,10 +528,6 @@ def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
     cfg["BLOCK_K"] = _fit_block_k(cfg["BLOCK_K"], k // cfg["SPLIT_K"], group_size, cfg["SPLIT"])
     if group_size < TILE or group_size % cfg["BLOCK_K"]:
         cfg["SCALE_IN"] = True
-    xsums = cfg["XSUMS"] = cfg["XSUMS"] and not cfg["SCALE_IN"]
-    steps_k = k // cfg["BLOCK_K"]
-    # XSUMS: each activation row's sum over every BLOCK_K features, float32 (M, K / BLOCK_K)
-    xs = torch.sum(x2.unflatten(1, (steps_k, cfg["BLOCK_K"])), dim=-1, dtype=torch.float32) if xsums else scales
     dot_f32 = INTERPRET or x2.dtype == torch.float32
     asm = cfg.pop("ASM", True) and not dot_f32  # ASM=False: the portable path, for the GPU test against it
     split_k = cfg["SPLIT_K"]
@@ -560,8 +538,8 @@ def w4a16_mma(x2, qweight, scales, zeros, group_size, bias, config=None):
                       dtype=torch.float32 if split_k > 1 else x2.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
     wrap_triton(_w4a16_kernel)[grid](
-        x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, xs,
-        m, n, k, x2.stride(0), qweight.stride(0) * 2, scales.stride(0), n, k_slice, k_slice // 4, steps_k,
+        x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
+        m, n, k, x2.stride(0), qweight.stride(0) * 2, scales.stride(0), n, k_slice, k_slice // 4,
         GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None and split_k == 1, ASM=asm,
         DOT_F32=dot_f32, **cfg,
     )
@@ -630,28 +608,13 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, dtype, block_n: int = 4
     return out
 
 
-# Past MMA_MAX_M rows the weight is dequantized to float and multiplied by cuBLAS. With
-# DEQUANT_CHUNK_ROWS > 0 that happens in chunks of that many output rows, each chunk's float weight
-# multiplied while it is still in L2 (an idea to time: the whole float weight of a large layer
-# overflows L2, so today cuBLAS reads back from HBM what the dequantize kernel just wrote).
-DEQUANT_CHUNK_ROWS = 0
-
-
-def w4a16_dequant_linear(x2, qweight, scales, zeros, group_size, bias, chunk_rows: int = 0):
-    """``(M, K) -> (M, N)``: dequantize then cuBLAS, whole or ``chunk_rows`` output rows at a time."""
-    n = qweight.shape[0]
+# Past MMA_MAX_M rows the weight is dequantized to float and multiplied by cuBLAS. (Doing it in
+# chunks of output rows, each multiplied while still in L2, was slower at every chunk size on the
+# H200: the smaller cuBLAS calls lose more than the L2 hits gain; NOTES_w4a16.md.)
+def w4a16_dequant_linear(x2, qweight, scales, zeros, group_size, bias):
+    """``(M, K) -> (M, N)``: dequantize then cuBLAS."""
     bias = None if bias is None else bias.to(x2.dtype)
-    if chunk_rows <= 0 or chunk_rows >= n:
-        return F.linear(x2, w4a16_dequantize(qweight, scales, zeros, group_size, x2.dtype), bias)
-    out = torch.empty((x2.shape[0], n), device=x2.device, dtype=x2.dtype)
-    for n0 in range(0, n, chunk_rows):
-        n1 = min(n, n0 + chunk_rows)
-        weight = w4a16_dequantize(qweight[n0:n1], scales[n0:n1], None if zeros is None else zeros[n0:n1],
-                                  group_size, x2.dtype)
-        torch.mm(x2, weight.t(), out=out[:, n0:n1])
-    if bias is not None:
-        out += bias
-    return out
+    return F.linear(x2, w4a16_dequantize(qweight, scales, zeros, group_size, x2.dtype), bias)
 
 
 def w4a16_triton(x, qweight, scales, zeros, group_size, bias):
@@ -665,7 +628,7 @@ def w4a16_triton(x, qweight, scales, zeros, group_size, bias):
     elif fast_path_ok(k, group_size, x2.dtype) and m <= MMA_MAX_M:
         out = w4a16_mma(x2, qweight, scales, zeros, group_size, bias)
     elif fast_path_ok(k, group_size, x2.dtype):  # compute-bound: the weight once in float, then cuBLAS
-        out = w4a16_dequant_linear(x2, qweight, scales, zeros, group_size, bias, DEQUANT_CHUNK_ROWS)
+        out = w4a16_dequant_linear(x2, qweight, scales, zeros, group_size, bias)
     else:
         out = w4a16_reference(x2, qweight, scales, zeros, group_size, bias)
     return out.reshape(*x.shape[:-1], qweight.shape[0])
