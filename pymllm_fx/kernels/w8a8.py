@@ -5,11 +5,12 @@ Layout: ``qweight`` int8 ``(N, K)``, ``weight_scale`` float32 ``(N,)``; the weig
 ``qweight * weight_scale``. Activations:
 
 - dynamic (``input_scale`` None): each row (token) gets ``s = max(|x_row|) / 127`` and
-  ``q = clamp(round(x / s), -128, 127)`` (symmetric; vLLM's per-token int8 quantization);
+  ``q = clamp(round(x * (127 / max(|x_row|))), -128, 127)`` (symmetric; vLLM's per-token int8
+  quantization, which multiplies by the reciprocal as well);
 - static (``input_scale`` float32 ``(1,)``, a checkpoint's): ``q = clamp(round(x / s) + z, -128, 127)``
   with ``z`` = ``input_zero_point`` int32 ``(1,)`` when the checkpoint is asymmetric, else 0.
 
-``round`` is round-half-to-even (``torch.round``), ``x / s`` a float32 division. The product is
+``round`` is round-half-to-even (``torch.round``); every division is float32. The product is
 ``(sum_k q[m, k] * qweight[n, k] - z * weight_sums[n]) * s[m] * weight_scale[n] + bias[n]``, the sum in
 exact integers; ``weight_sums`` int32 ``(N,)`` is ``qweight.sum(1)``, needed only with a zero point.
 """
