@@ -50,16 +50,29 @@ class GreedyDecoder:
         accepted = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in accepted else "past_key_values"
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode) if compile else self._step
+        self._cache = None
+        self._cache_for = None  # (batch, device) the kept cache was built for
 
     def _step(self, token: torch.Tensor, cache) -> torch.Tensor:
         return self.model(token, use_cache=True, **{self._cache_kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
 
+    def _empty_cache(self, batch: int, device: torch.device):
+        """One static cache per decoder, emptied in place for each prompt. Its tensors are marked
+        static addresses for the compiled step, and CUDA graphs record again whenever those
+        addresses change: a new cache per call re-recorded the graph inside some timed decodes."""
+        if self._cache is not None and self._cache_for == (batch, device):
+            self._cache.reset()
+        else:
+            self._cache = self._cache_cls(config=self.model.config, max_cache_len=self.max_cache_len)
+            self._cache_for = (batch, device)
+        return self._cache
+
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor):
-        """Run the prompt (eager) into a fresh static cache; returns (first new token ``(1, 1)``, cache),
-        from which ``step`` continues one token at a time."""
+        """Run the prompt (eager) into the decoder's emptied static cache; returns (first new token
+        ``(1, 1)``, cache), from which ``step`` continues one token at a time."""
         device = next(self.model.parameters()).device
-        cache = self._cache_cls(config=self.model.config, max_cache_len=self.max_cache_len)
+        cache = self._empty_cache(input_ids.shape[0], device)
         logits = self.model(input_ids.to(device), use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits
         return logits[:, -1].argmax(-1, keepdim=True), cache
 

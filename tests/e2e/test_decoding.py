@@ -29,6 +29,24 @@ def test_greedy_decoder_matches_hf_generate_eager_and_compiled(int4_llama):
     assert seconds > 0
 
 
+def test_greedy_decoder_keeps_one_cache_across_calls(int4_llama):
+    """Later prompts reuse the emptied cache (same tensors, so a CUDA graph replays rather than
+    records again), and nothing of an earlier prompt leaks into a later one's tokens."""
+    torch.manual_seed(1)
+    first, second, wide = torch.randint(0, 128, (1, 9)), torch.randint(0, 128, (1, 5)), torch.randint(0, 128, (2, 5))
+    decoder = GreedyDecoder(int4_llama, max_cache_len=32)
+    decoder.generate(first, 12)
+    cache = decoder._cache
+    keys = [layer.keys.data_ptr() for layer in cache.layers]
+    again, _ = decoder.generate(second, 8)
+    assert decoder._cache is cache and [layer.keys.data_ptr() for layer in cache.layers] == keys
+    fresh, _ = GreedyDecoder(int4_llama, max_cache_len=32).generate(second, 8)
+    assert torch.equal(again, fresh)
+    both, _ = decoder.generate(wide, 6)  # another batch size: a cache of its own
+    assert decoder._cache is not cache and both.shape == (2, 6)
+    assert torch.equal(both, GreedyDecoder(int4_llama, max_cache_len=32).generate(wide, 6)[0])
+
+
 def test_greedy_decoder_stops_at_eos_and_checks_cache_length(int4_llama):
     ids = torch.randint(0, 128, (1, 5))
     full, _ = GreedyDecoder(int4_llama, max_cache_len=32).generate(ids, 10)
